@@ -1,0 +1,50 @@
+# Everything a newcomer needs: `make run` starts the product locally, `make test` tests it.
+# Both install what they need first (a virtualenv in .venv, the Kafka jars on first use).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KAFKA_PORT ?= 9092
+KAFKA_DATA_DIR ?= .kafka-data
+export KAFKA_PORT KAFKA_DATA_DIR
+
+.PHONY: install lint test test-unit run kafka-up kafka-down bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+kafka-up: install
+	@if [ -n "$$KAFKA_BOOTSTRAP_SERVERS" ]; then \
+		echo "KAFKA_BOOTSTRAP_SERVERS=$$KAFKA_BOOTSTRAP_SERVERS is set: using that cluster"; \
+	else \
+		$(BIN)/python -m devkafka up; \
+	fi
+
+kafka-down: install
+	$(BIN)/python -m devkafka down
+
+run: kafka-up
+	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$(KAFKA_PORT)} \
+		$(BIN)/wifi-bridge serve
+
+bench: install
+	$(BIN)/python -m bench
+
+clean: kafka-down
+	rm -rf $(KAFKA_DATA_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,198 @@
+"""``make bench``: the bridge beside a bare aiohttp handler and the naive listener.
+
+All three run as their own processes against the same Kafka broker and are loaded in turn by
+``wrk`` (64 connections, one thread) with distinct login bodies; the rounds alternate so a
+noisy neighbour hurts each contender alike. What matters is the ratios printed at the end,
+measured in this same run: absolute numbers are not comparable between machines or runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.kafka import TopicSpec, ensure_topics
+from bridge.settings import KafkaSettings
+from devkafka.broker import LocalKafka, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PATH = "/webhooks/bt-wifi"
+TARGET_BRIDGE_VS_BARE = 0.7
+
+_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local template = [==[%s]==]
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, string.format(template, counter, counter %% 60))
+end
+"""
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _sample_template() -> str:
+    sample = (ROOT.parent / "shared" / "testdata" / "documented-sample.json").read_text()
+    sample = sample.replace("%", "%%").replace('"id":888,"lastName"', '"id":%d,"lastName"')
+    return sample.replace("13:27:08", "13:%02d:08")
+
+
+@contextmanager
+def broker() -> Iterator[str]:
+    existing = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if existing:
+        yield existing
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-kafka-") as data:
+        local = LocalKafka(data_dir=Path(data), port=free_port())
+        print(f"starting a local Kafka broker on {local.bootstrap_servers} ...", flush=True)
+        local.start()
+        try:
+            yield local.bootstrap_servers
+        finally:
+            local.stop()
+
+
+def _wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
+
+
+@contextmanager
+def contender(kind: str, bootstrap: str, topic: str) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ}
+    if kind == "bridge":
+        command = [sys.executable, "-m", "bridge", "serve"]
+        env.update(
+            KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+            BRIDGE_HOST="127.0.0.1",
+            BRIDGE_PORT=str(port),
+            BRIDGE_TOPIC_RAW=topic,
+            BRIDGE_TOPIC_DLQ=topic + ".dlq",
+            BRIDGE_LOG_LEVEL="WARNING",
+        )
+        ready = f"http://127.0.0.1:{port}/readyz"
+    else:
+        command = [sys.executable, "-m", "bench.servers", kind, "--port", str(port)]
+        command += ["--bootstrap", bootstrap, "--topic", topic]
+        ready = f"http://127.0.0.1:{port}{PATH}"
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        _wait_http(ready)
+        yield f"http://127.0.0.1:{port}{PATH}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _find(pattern: str, text: str) -> re.Match[str]:
+    found = re.search(pattern, text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"unexpected wrk output, no match for {pattern!r}:\n{text}")
+    return found
+
+
+def run_wrk(url: str, script: Path, duration_s: int, connections: int) -> Result:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    out = subprocess.run(
+        [*command, "-s", str(script), url], check=True, capture_output=True, text=True
+    ).stdout
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    return Result(
+        rps=float(_find(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        p50_ms=_ms(*_find(r"^\s+50%\s+([\d.]+)(us|ms|s)$", out).groups()),
+        p99_ms=_ms(*_find(r"^\s+99%\s+([\d.]+)(us|ms|s)$", out).groups()),
+        errors=errors,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
+    parser.add_argument("--duration-s", type=int, default=10, help="measured seconds per round")
+    parser.add_argument("--warmup-s", type=int, default=2, help="unmeasured seconds per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per contender (median)")
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    kinds = ("bare", "naive", "bridge")
+    results: dict[str, list[Result]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, broker() as bootstrap:
+        script = Path(tmp) / "post.lua"
+        script.write_text(_LUA % _sample_template())
+        topics = [TopicSpec(f"bench.{k}") for k in kinds] + [TopicSpec("bench.bridge.dlq")]
+        asyncio.run(ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), topics))
+        for round_no in range(1, args.rounds + 1):
+            for kind in kinds:
+                with contender(kind, bootstrap, f"bench.{kind}") as url:
+                    run_wrk(url, script, args.warmup_s, args.connections)
+                    result = run_wrk(url, script, args.duration_s, args.connections)
+                results[kind].append(result)
+                print(
+                    f"round {round_no}/{args.rounds} {kind:<7} {result.rps:9.0f} req/s  "
+                    f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                    f"errors {result.errors}",
+                    flush=True,
+                )
+
+    median = {k: statistics.median(r.rps for r in v) for k, v in results.items()}
+    p99 = {k: statistics.median(r.p99_ms for r in v) for k, v in results.items()}
+    p50 = {k: statistics.median(r.p50_ms for r in v) for k, v in results.items()}
+    print()
+    print(f"{'contender':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for kind in kinds:
+        print(f"{kind:<10}{median[kind]:>10.0f}{p50[kind]:>10.2f}{p99[kind]:>10.2f}")
+    print()
+    ratio = median["bridge"] / median["bare"]
+    print(f"bridge / bare aiohttp (ceiling): {ratio:.2f}  (target >= {TARGET_BRIDGE_VS_BARE})")
+    print(f"bridge / naive send_and_wait:    {median['bridge'] / median['naive']:.2f}")
+    print(f"naive  / bare aiohttp:           {median['naive'] / median['bare']:.2f}")
+    if any(r.errors for r in results["bridge"]):
+        print("WARNING: the bridge answered errors during the run", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

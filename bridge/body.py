@@ -1,0 +1,75 @@
+"""Bounded reading and decompression of request bodies.
+
+The wire body is read in chunks and refused as soon as it passes the limit, so a large body is
+never held whole. Decompression is bounded by the same limit on its output, which turns a gzip
+bomb into a 413 after at most ``max_bytes + 1`` bytes of output.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from aiohttp import web
+
+from bridge.errors import BadEncoding, BodyTooLarge, UnsupportedEncoding
+
+_CHUNK_BYTES = 16384
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+async def read_bounded(request: web.Request, *, max_bytes: int) -> bytes:
+    """The raw request body; :class:`BodyTooLarge` once it passes ``max_bytes``."""
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(_CHUNK_BYTES):
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(raw: bytes, content_encoding: str, *, max_bytes: int) -> bytes:
+    """Undo ``Content-Encoding`` (gzip, deflate, identity, or a list of them)."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    data = raw
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        if coding in {"gzip", "x-gzip"}:
+            data = _inflate(data, _GZIP_WBITS, coding, max_bytes)
+        elif coding == "deflate":
+            # HTTP's deflate is zlib-wrapped, but some clients send a raw deflate stream.
+            try:
+                data = _inflate(data, zlib.MAX_WBITS, coding, max_bytes)
+            except BadEncoding:
+                data = _inflate(data, -zlib.MAX_WBITS, coding, max_bytes)
+        else:
+            raise UnsupportedEncoding(
+                f"Content-Encoding {coding!r} is not supported (use gzip, deflate or identity)"
+            )
+    return data
+
+
+def _inflate(data: bytes, wbits: int, coding: str, max_bytes: int) -> bytes:
+    out = bytearray()
+    remaining = data
+    # A gzip body may hold several members back to back; each is inflated in turn.
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out += inflater.decompress(remaining, max_bytes + 1 - len(out))
+        except zlib.error as exc:
+            raise BadEncoding(f"{coding} stream is corrupt: {exc}") from None
+        if len(out) > max_bytes:
+            raise BodyTooLarge(f"decompressed body exceeds the limit of {max_bytes} bytes")
+        if not inflater.eof:
+            raise BadEncoding(f"{coding} stream is truncated")
+        remaining = inflater.unused_data
+        if not remaining or wbits != _GZIP_WBITS:
+            if remaining:
+                raise BadEncoding(f"{coding} stream has trailing data")
+            return bytes(out)

@@ -1,0 +1,81 @@
+"""The ``wifi-bridge`` command: one entry point, a subcommand per service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from bridge import __version__, config, logs
+from bridge.config import Option
+from bridge.errors import ConfigError
+from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings
+
+SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
+    ("Kafka (every service)", KAFKA_OPTIONS),
+    ("Receiver (`wifi-bridge serve`)", BRIDGE_OPTIONS),
+)
+
+
+def settings_markdown() -> str:
+    """Every setting as Markdown tables (the README's settings section is this output)."""
+    lines: list[str] = []
+    for title, options in SETTINGS_TABLES:
+        lines += [
+            f"#### {title}",
+            "",
+            "| variable | flag | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for option in options:
+            default = "" if option.default is None else f"`{option.default}`"
+            lines.append(f"| `{option.env}` | `{option.flag}` | {default} | {option.help} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wifi-bridge",
+        description="BT Wi-Fi login webhooks into Kafka, and the services that consume them.",
+    )
+    parser.add_argument("--version", action="version", version=f"wifi-bridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="receive webhooks and publish them to Kafka",
+        description="Receive BT Wi-Fi webhooks and publish each to Kafka. Every flag mirrors "
+        "the environment variable named in its help; a flag wins over the variable.",
+    )
+    config.add_options(serve, "Kafka", KAFKA_OPTIONS)
+    config.add_options(serve, "receiver", BRIDGE_OPTIONS)
+
+    commands.add_parser("settings", help="print every setting as Markdown tables")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "settings":
+        sys.stdout.write(settings_markdown())
+        return 0
+    try:
+        settings = BridgeSettings.load(args, os.environ)
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level=settings.log_level, log_format=settings.log_format)
+    from bridge.server import serve
+
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"wifi-bridge: cannot serve: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

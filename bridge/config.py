@@ -1,0 +1,137 @@
+"""Settings from environment variables, each mirrored by a command-line flag.
+
+An :class:`Option` names one environment variable; its flag is derived from the name
+(``BRIDGE_PORT`` -> ``--bridge-port``) so the two can never drift apart. A flag given on the
+command line wins over the environment, which wins over the default. Parsing helpers raise
+:class:`~bridge.errors.ConfigError` with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its environment variable, default (as text) and help line."""
+
+    env: str
+    default: str | None
+    help: str
+    secret: bool = False
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.env.lower()
+
+
+Values = Mapping[str, str | None]
+
+
+def add_options(parser: argparse.ArgumentParser, title: str, options: Sequence[Option]) -> None:
+    group = parser.add_argument_group(title)
+    for option in options:
+        shown = "(not set)" if option.default is None else repr(option.default)
+        if option.secret and option.default is not None:
+            shown = "(set)"
+        group.add_argument(
+            option.flag,
+            dest=option.dest,
+            metavar=option.env,
+            default=None,
+            help=f"{option.help} [env {option.env}, default {shown}]",
+        )
+
+
+def resolve(
+    options: Iterable[Option], args: argparse.Namespace | None, environ: Mapping[str, str]
+) -> dict[str, str | None]:
+    """Pick each option's raw text: flag, else environment, else default; '' means unset."""
+    values: dict[str, str | None] = {}
+    for option in options:
+        raw = getattr(args, option.dest, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(option.env)
+        if raw is None:
+            raw = option.default
+        if raw is not None:
+            raw = raw.strip()
+            if raw == "":
+                raw = None
+        if raw is not None and option.choices and raw not in option.choices:
+            raise ConfigError(
+                f"{option.env}: expected one of {', '.join(option.choices)}, got {raw!r}"
+            )
+        values[option.env] = raw
+    return values
+
+
+def text(values: Values, name: str) -> str:
+    raw = values.get(name)
+    if raw is None:
+        raise ConfigError(f"{name}: a value is required")
+    return raw
+
+
+def optional_text(values: Values, name: str) -> str | None:
+    return values.get(name)
+
+
+def integer(values: Values, name: str, *, minimum: int, maximum: int | None = None) -> int:
+    raw = text(values, name)
+    try:
+        number = int(raw.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        upper = "" if maximum is None else f" and at most {maximum}"
+        raise ConfigError(f"{name}: expected at least {minimum}{upper}, got {number}")
+    return number
+
+
+def boolean(values: Values, name: str) -> bool:
+    raw = text(values, name).lower()
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def optional_file(values: Values, name: str) -> Path | None:
+    raw = values.get(name)
+    if raw is None:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"{name}: no readable file at {raw!r}")
+    return path
+
+
+def networks(
+    values: Values, name: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    raw = values.get(name)
+    if raw is None:
+        return ()
+    found = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            found.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not an IP address or CIDR range") from None
+    return tuple(found)

@@ -1,0 +1,78 @@
+"""One error tree for the whole project.
+
+Every error the project raises on purpose derives from :class:`WifiBridgeError`. A subclass
+says how it surfaces: ``http_status`` for the webhook's answer and ``code`` for the JSON error
+body and the metric label; ``retryable`` tells a caller whether trying again can help.
+"""
+
+from __future__ import annotations
+
+
+class WifiBridgeError(Exception):
+    """Root of every error raised by the project."""
+
+    http_status: int = 500
+    code: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class ConfigError(WifiBridgeError, ValueError):
+    """A setting has a value the process cannot run with; the message names the setting."""
+
+    code = "config_error"
+
+
+class RequestError(WifiBridgeError):
+    """The request cannot be accepted as it is; the sender gets a 4xx answer."""
+
+    http_status = 400
+    code = "bad_request"
+
+
+class BadBody(RequestError):
+    """The (decompressed) body is not a JSON object; it is kept in the dead-letter topic."""
+
+    code = "bad_body"
+
+
+class BadEncoding(RequestError):
+    """The body's Content-Encoding is broken (a truncated or corrupt gzip stream)."""
+
+    code = "bad_encoding"
+
+
+class UnsupportedEncoding(RequestError):
+    http_status = 415
+    code = "unsupported_encoding"
+
+
+class BodyTooLarge(RequestError):
+    http_status = 413
+    code = "body_too_large"
+
+
+class Unauthorized(RequestError):
+    http_status = 401
+    code = "unauthorized"
+
+
+class Forbidden(RequestError):
+    http_status = 403
+    code = "forbidden"
+
+
+class PublishError(WifiBridgeError):
+    """Kafka did not acknowledge a record in time; the sender may try again later."""
+
+    http_status = 503
+    code = "kafka_unavailable"
+    retryable = True

@@ -1,0 +1,98 @@
+"""Identity of a login: the partition key and the stable event id.
+
+Pure functions over the parsed body. They read only the four identifying fields, in either of
+the sender's two layouts (``venue`` inside ``user`` as in its sample, or at the top level as in
+its field table; ids as numbers or numeric strings), so both layouts of one login get the same
+key and the same event id. Everything else about the body is the pipeline's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+#: Key used when a body names neither a user nor a client MAC. All such records share a
+#: partition, which keeps them ordered and visible rather than scattered.
+FALLBACK_KEY = "unknown"
+
+_EVENT_ID_VERSION = b"v1"
+_SEPARATOR = b"\x1f"
+_MAC_DIGITS = re.compile(r"[^0-9a-f]")
+
+
+@dataclass(frozen=True, slots=True)
+class LoginIdentity:
+    key: bytes
+    event_id: str
+
+
+def _id_text(value: Any) -> str | None:
+    """An id as the sender means it: 888, "888" and 888.0 are one id; bool is not an id."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def normalise_mac(value: Any) -> str | None:
+    """``00-01-02-03-04-05`` and ``00:01:02:03:04:05`` are one MAC: ``00:01:02:03:04:05``."""
+    if not isinstance(value, str):
+        return None
+    digits = _MAC_DIGITS.sub("", value.lower())
+    if len(digits) != 12:
+        return value.strip() or None
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def parse_time_ms(value: Any) -> int | None:
+    """``2018-01-18T13:27:08+0000`` (and ISO 8601 spellings of it) as epoch milliseconds."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            moment = datetime.strptime(value.strip(), "%Y-%m-%dT%H:%M:%S%z")
+        except ValueError:
+            return None
+    if moment.tzinfo is None:
+        return None
+    return int(moment.timestamp() * 1000)
+
+
+def _section(body: dict[str, Any], name: str) -> dict[str, Any]:
+    section = body.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def venue_section(body: dict[str, Any]) -> dict[str, Any]:
+    """The venue, wherever this body's layout puts it."""
+    nested = _section(_section(body, "user"), "venue")
+    return nested or _section(body, "venue")
+
+
+def identify(body: dict[str, Any]) -> LoginIdentity:
+    """Key and event id of one login body.
+
+    The key is ``user.id`` as text, else the client MAC, else :data:`FALLBACK_KEY`. The event id
+    is a hash of (user id, client MAC, venue id, authenticationTime): a redelivery of the same
+    login has the same id, another login of the same person has another.
+    """
+    user_id = _id_text(_section(body, "user").get("id"))
+    mac = normalise_mac(_section(body, "client").get("mac"))
+    venue_id = _id_text(venue_section(body).get("id"))
+    raw_time = _section(body, "session").get("authenticationTime")
+    time_ms = parse_time_ms(raw_time)
+    time_text = str(time_ms) if time_ms is not None else (str(raw_time) if raw_time else "")
+
+    key = user_id or mac or FALLBACK_KEY
+    digest = hashlib.sha256(_EVENT_ID_VERSION)
+    for part in (user_id or "", mac or "", venue_id or "", time_text):
+        digest.update(_SEPARATOR)
+        digest.update(part.encode())
+    return LoginIdentity(key=key.encode(), event_id=digest.hexdigest()[:32])

@@ -1,0 +1,107 @@
+"""``wifi-bridge serve``: run the receiver until SIGTERM, then shut down without loss.
+
+Start-up never waits for Kafka: the HTTP server answers the handshake and /healthz at once,
+while a background task provisions the topics and connects the producer, retrying with
+backoff. On SIGTERM the process stops accepting connections, lets in-flight requests finish
+(each of them waits for its ack), flushes the producer and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+
+from aiohttp import web
+
+from bridge.kafka import TopicSpec, ensure_topics
+from bridge.metrics import BridgeMetrics
+from bridge.publisher import KafkaPublisher, Publisher
+from bridge.settings import BridgeSettings
+from bridge.web_app import BridgeState, Receiver, create_app
+
+log = logging.getLogger(__name__)
+
+_CONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def _tls_context(settings: BridgeSettings) -> ssl.SSLContext | None:
+    if settings.tls_certfile is None or settings.tls_keyfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
+    return context
+
+
+async def _connect(settings: BridgeSettings, publisher: Publisher, state: BridgeState) -> None:
+    attempt = 0
+    topics = [TopicSpec(settings.topic_raw), TopicSpec(settings.topic_dlq)]
+    while True:
+        try:
+            await ensure_topics(settings.kafka, topics)
+            await publisher.start()
+        except Exception as exc:
+            delay = _CONNECT_BACKOFF_S[min(attempt, len(_CONNECT_BACKOFF_S) - 1)]
+            attempt += 1
+            log.warning(
+                "Kafka not reachable yet, retrying",
+                extra={"error": type(exc).__name__, "retry_in_s": delay, "attempt": attempt},
+            )
+            await asyncio.sleep(delay)
+            continue
+        state.publisher_started = True
+        log.info("connected to Kafka", extra={"topic": settings.topic_raw})
+        return
+
+
+async def serve(
+    settings: BridgeSettings, *, stop: asyncio.Event | None = None, handle_signals: bool = True
+) -> int:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT arrives); returns the exit code."""
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+
+    metrics = BridgeMetrics()
+    publisher = KafkaPublisher(
+        settings=settings.kafka, metrics=metrics, linger_ms=settings.linger_ms
+    )
+    state = BridgeState()
+    receiver = Receiver(settings=settings, publisher=publisher, metrics=metrics, state=state)
+    runner = web.AppRunner(
+        create_app(receiver),
+        auto_decompress=False,  # bodies are decompressed by us, with a bound on the output
+        access_log=None,  # an access log would print the URL token
+        shutdown_timeout=settings.shutdown_timeout_s,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.host, settings.port, ssl_context=_tls_context(settings), backlog=1024
+    )
+    await site.start()
+    scheme = "https" if settings.tls_certfile else "http"
+    shown_path = settings.webhook_path + ("/<token>" if settings.token else "")
+    log.info(
+        "listening",
+        extra={"url": f"{scheme}://{settings.host}:{settings.port}{shown_path}"},
+    )
+
+    connecting = asyncio.create_task(_connect(settings, publisher, state))
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: finishing in-flight requests")
+        state.shutting_down = True
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await runner.cleanup()
+        await publisher.stop()
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        log.info("stopped")
+    return 0

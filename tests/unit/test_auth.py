@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import base64
+import ipaddress
+
+import pytest
+
+from bridge.auth import Gate
+from bridge.errors import Forbidden, Unauthorized
+
+
+def gate(
+    *,
+    token: str | None = None,
+    basic: tuple[str, str] | None = None,
+    allowed: str = "",
+    proxies: str = "",
+) -> Gate:
+    def nets(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(p) for p in text.split(",") if p)
+
+    return Gate(
+        token=token, basic_auth=basic, allowed_networks=nets(allowed), trusted_proxies=nets(proxies)
+    )
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_token_must_match_exactly() -> None:
+    g = gate(token="s3cret-token-0123456789")
+    assert g.token_matches("s3cret-token-0123456789")
+    assert not g.token_matches("s3cret-token-012345678")
+    assert not g.token_matches(None)
+    assert gate().token_matches(None)
+    assert not gate().token_matches("anything")
+
+
+def test_basic_auth_accepts_the_right_pair_only() -> None:
+    g = gate(basic=("venue", "pa:ss"))
+    g.check_basic_auth(basic("venue", "pa:ss"))
+    wrong = (None, "", basic("venue", "wrong"), basic("other", "pa:ss"), "Bearer x", "Basic !!")
+    for header in wrong:
+        with pytest.raises(Unauthorized):
+            g.check_basic_auth(header)
+
+
+def test_allowlist_uses_the_peer_when_no_proxy_is_trusted() -> None:
+    g = gate(allowed="203.0.113.0/24")
+    g.check_source("203.0.113.9", None)
+    with pytest.raises(Forbidden):
+        g.check_source("127.0.0.1", "203.0.113.9")  # a spoofed header is ignored
+
+
+def test_allowlist_believes_forwarded_for_only_from_trusted_proxies() -> None:
+    g = gate(allowed="203.0.113.0/24", proxies="10.0.0.0/8")
+    g.check_source("10.1.2.3", "198.51.100.1, 203.0.113.9")
+    g.check_source("10.1.2.3", "203.0.113.9, 10.9.9.9")
+    with pytest.raises(Forbidden):
+        g.check_source("10.1.2.3", "203.0.113.9, 198.51.100.1")
+    with pytest.raises(Forbidden):
+        g.check_source("10.1.2.3", None)
+
+
+def test_ipv4_mapped_ipv6_peer_matches_ipv4_ranges() -> None:
+    gate(allowed="127.0.0.0/8").check_source("::ffff:127.0.0.1", None)
