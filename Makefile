@@ -8,7 +8,7 @@ KAFKA_PORT ?= 9092
 KAFKA_DATA_DIR ?= .kafka-data
 export KAFKA_PORT KAFKA_DATA_DIR
 
-.PHONY: install lint test test-unit run kafka-up kafka-down bench clean
+.PHONY: install lint test test-unit run kafka-up kafka-down bench clean docs
 
 install: $(VENV)/.installed
 
@@ -48,3 +48,9 @@ bench: install
 
 clean: kafka-down
 	rm -rf $(KAFKA_DATA_DIR) .pytest_cache .mypy_cache .ruff_cache
+
+docs: install
+	$(BIN)/python -c 'import re, pathlib; from bridge.cli import settings_markdown; \
+		p = pathlib.Path("README.md"); t = p.read_text(); \
+		t = re.sub(r"(<!-- settings:begin.*?-->\n).*?(<!-- settings:end -->)", \
+		lambda m: m.group(1) + settings_markdown() + m.group(2), t, flags=re.S); p.write_text(t)'

@@ -1,9 +1,16 @@
 """``make bench``: the bridge beside a bare aiohttp handler and the naive listener.
 
-All three run as their own processes against the same Kafka broker and are loaded in turn by
-``wrk`` (64 connections, one thread) with distinct login bodies; the rounds alternate so a
-noisy neighbour hurts each contender alike. What matters is the ratios printed at the end,
-measured in this same run: absolute numbers are not comparable between machines or runs.
+Contenders, each its own process on the same event loop (uvloop, as the bridge runs by
+default) and against the same Kafka broker:
+
+- ``bare``: an aiohttp handler that reads the body and answers 200 (the ceiling);
+- ``naive``: one ``send_and_wait`` per request, aiokafka with default settings;
+- ``bridge``: ``wifi-bridge serve`` as shipped (librdkafka producer, acks=all, idempotent);
+- ``bridge-aiokafka``: the same with ``BRIDGE_PRODUCER=aiokafka``, the measured alternative.
+
+They are loaded in turn by ``wrk`` (64 connections, one thread) with distinct login bodies;
+rounds alternate so a noisy neighbour hurts each alike. What matters is the ratios printed at
+the end, measured in this same run: absolute numbers are not comparable between runs.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us_per_request: float = 0.0
 
 
 def _sample_template() -> str:
@@ -87,11 +95,17 @@ def _wait_http(url: str, timeout_s: float = 60) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def contender(kind: str, bootstrap: str, topic: str) -> Iterator[str]:
+def contender(kind: str, bootstrap: str, topic: str, loop: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ}
-    if kind == "bridge":
+    if kind.startswith("bridge"):
         command = [sys.executable, "-m", "bridge", "serve"]
         env.update(
             KAFKA_BOOTSTRAP_SERVERS=bootstrap,
@@ -100,16 +114,18 @@ def contender(kind: str, bootstrap: str, topic: str) -> Iterator[str]:
             BRIDGE_TOPIC_RAW=topic,
             BRIDGE_TOPIC_DLQ=topic + ".dlq",
             BRIDGE_LOG_LEVEL="WARNING",
+            BRIDGE_EVENT_LOOP=loop,
+            BRIDGE_PRODUCER="aiokafka" if kind == "bridge-aiokafka" else "librdkafka",
         )
         ready = f"http://127.0.0.1:{port}/readyz"
     else:
         command = [sys.executable, "-m", "bench.servers", kind, "--port", str(port)]
-        command += ["--bootstrap", bootstrap, "--topic", topic]
+        command += ["--bootstrap", bootstrap, "--topic", topic, "--loop", loop]
         ready = f"http://127.0.0.1:{port}{PATH}"
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
         _wait_http(ready)
-        yield f"http://127.0.0.1:{port}{PATH}"
+        yield f"http://127.0.0.1:{port}{PATH}", process.pid
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -149,46 +165,61 @@ def run_wrk(url: str, script: Path, duration_s: int, connections: int) -> Result
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
     parser.add_argument("--duration-s", type=int, default=10, help="measured seconds per round")
-    parser.add_argument("--warmup-s", type=int, default=2, help="unmeasured seconds per round")
+    parser.add_argument("--warmup-s", type=int, default=3, help="unmeasured seconds per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per contender (median)")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
 
-    kinds = ("bare", "naive", "bridge")
+    kinds = ("bare", "naive", "bridge", "bridge-aiokafka")
     results: dict[str, list[Result]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, broker() as bootstrap:
         script = Path(tmp) / "post.lua"
         script.write_text(_LUA % _sample_template())
-        topics = [TopicSpec(f"bench.{k}") for k in kinds] + [TopicSpec("bench.bridge.dlq")]
+        topics = [TopicSpec(f"bench.{k}") for k in kinds]
+        topics += [TopicSpec(f"bench.{k}.dlq") for k in kinds if k.startswith("bridge")]
         asyncio.run(ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), topics))
         for round_no in range(1, args.rounds + 1):
             for kind in kinds:
-                with contender(kind, bootstrap, f"bench.{kind}") as url:
+                with contender(kind, bootstrap, f"bench.{kind}", args.loop) as (url, pid):
                     run_wrk(url, script, args.warmup_s, args.connections)
+                    cpu_before = cpu_seconds(pid)
                     result = run_wrk(url, script, args.duration_s, args.connections)
+                    used_s = cpu_seconds(pid) - cpu_before
+                    result.cpu_us_per_request = used_s / (result.rps * args.duration_s) * 1e6
                 results[kind].append(result)
                 print(
-                    f"round {round_no}/{args.rounds} {kind:<7} {result.rps:9.0f} req/s  "
+                    f"round {round_no}/{args.rounds} {kind:<16} {result.rps:9.0f} req/s  "
                     f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
-                    f"errors {result.errors}",
+                    f"cpu {result.cpu_us_per_request:5.0f} us/req  errors {result.errors}",
                     flush=True,
                 )
 
     median = {k: statistics.median(r.rps for r in v) for k, v in results.items()}
     p99 = {k: statistics.median(r.p99_ms for r in v) for k, v in results.items()}
     p50 = {k: statistics.median(r.p50_ms for r in v) for k, v in results.items()}
+    cpu = {k: statistics.median(r.cpu_us_per_request for r in v) for k, v in results.items()}
     print()
-    print(f"{'contender':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"event loop: {args.loop}, {args.connections} connections, median of {args.rounds}")
+    print(f"{'contender':<17}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'cpu us/req':>12}")
     for kind in kinds:
-        print(f"{kind:<10}{median[kind]:>10.0f}{p50[kind]:>10.2f}{p99[kind]:>10.2f}")
+        print(
+            f"{kind:<17}{median[kind]:>10.0f}{p50[kind]:>10.2f}{p99[kind]:>10.2f}{cpu[kind]:>12.0f}"
+        )
     print()
     ratio = median["bridge"] / median["bare"]
     print(f"bridge / bare aiohttp (ceiling): {ratio:.2f}  (target >= {TARGET_BRIDGE_VS_BARE})")
     print(f"bridge / naive send_and_wait:    {median['bridge'] / median['naive']:.2f}")
     print(f"naive  / bare aiohttp:           {median['naive'] / median['bare']:.2f}")
+    aiokafka_ratio = median["bridge-aiokafka"] / median["bare"]
+    print(f"bridge on aiokafka / bare:       {aiokafka_ratio:.2f}  (the other producer client)")
+    # Throughput also depends on what else shares the machine (the broker and wrk run beside
+    # the bridge, not beside the bare handler); CPU per request is the server's own cost.
+    print(f"CPU per request, bare / bridge:  {cpu['bare'] / cpu['bridge']:.2f}")
+    print(f"CPU per request, bare / bridge on aiokafka: {cpu['bare'] / cpu['bridge-aiokafka']:.2f}")
     if any(r.errors for r in results["bridge"]):
         print("WARNING: the bridge answered errors during the run", file=sys.stderr)
     return 0

@@ -8,7 +8,6 @@ producer with default settings.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
@@ -53,15 +52,19 @@ def main() -> None:
     parser.add_argument("--path", default="/webhooks/bt-wifi")
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--topic", default="bench.naive")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    app = (
-        bare_app(args.path)
-        if args.kind == "bare"
-        else naive_app(args.path, args.bootstrap, args.topic)
-    )
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    if args.kind == "bare":
+        app = bare_app(args.path)
+    else:
+        app = naive_app(args.path, args.bootstrap, args.topic)
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None, loop=loop)
 
 
 if __name__ == "__main__":
-    asyncio.set_event_loop_policy(None)
     main()

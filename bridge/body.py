@@ -13,23 +13,22 @@ from aiohttp import web
 
 from bridge.errors import BadEncoding, BodyTooLarge, UnsupportedEncoding
 
-_CHUNK_BYTES = 16384
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
 async def read_bounded(request: web.Request, *, max_bytes: int) -> bytes:
-    """The raw request body; :class:`BodyTooLarge` once it passes ``max_bytes``."""
+    """The raw request body; :class:`BodyTooLarge` once it passes ``max_bytes``.
+
+    The application's ``client_max_size`` must be ``max_bytes``: aiohttp then counts the bytes
+    as they arrive (chunked bodies included) and stops reading past the limit.
+    """
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(_CHUNK_BYTES):
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"body exceeds the limit of {max_bytes} bytes") from None
 
 
 def decode(raw: bytes, content_encoding: str, *, max_bytes: int) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -68,10 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(level=settings.log_level, log_format=settings.log_format)
-    from bridge.server import serve
+    from bridge.server import run
 
     try:
-        return asyncio.run(serve(settings))
+        return run(settings)
     except OSError as exc:  # e.g. the port is taken
         print(f"wifi-bridge: cannot serve: {exc}", file=sys.stderr)
         return 1

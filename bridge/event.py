@@ -8,19 +8,20 @@ key and the same event id. Everything else about the body is the pipeline's busi
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from datetime import datetime
+from hashlib import sha256
 from typing import Any
 
 #: Key used when a body names neither a user nor a client MAC. All such records share a
 #: partition, which keeps them ordered and visible rather than scattered.
 FALLBACK_KEY = "unknown"
 
-_EVENT_ID_VERSION = b"v1"
-_SEPARATOR = b"\x1f"
-_MAC_DIGITS = re.compile(r"[^0-9a-f]")
+_EMPTY: dict[str, Any] = {}
+_EVENT_ID_VERSION = "v1"
+_SEPARATOR = "\x1f"
+_MAC_SEPARATORS = str.maketrans("", "", "-:. ")
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,12 @@ def normalise_mac(value: Any) -> str | None:
     """``00-01-02-03-04-05`` and ``00:01:02:03:04:05`` are one MAC: ``00:01:02:03:04:05``."""
     if not isinstance(value, str):
         return None
-    digits = _MAC_DIGITS.sub("", value.lower())
-    if len(digits) != 12:
+    digits = value.translate(_MAC_SEPARATORS).lower()
+    if len(digits) != 12 or not _HEX_DIGITS.issuperset(digits):
         return value.strip() or None
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+    return ":".join(
+        (digits[0:2], digits[2:4], digits[4:6], digits[6:8], digits[8:10], digits[10:12])
+    )
 
 
 def parse_time_ms(value: Any) -> int | None:
@@ -67,7 +70,7 @@ def parse_time_ms(value: Any) -> int | None:
 
 def _section(body: dict[str, Any], name: str) -> dict[str, Any]:
     section = body.get(name)
-    return section if isinstance(section, dict) else {}
+    return section if type(section) is dict else _EMPTY
 
 
 def venue_section(body: dict[str, Any]) -> dict[str, Any]:
@@ -83,16 +86,17 @@ def identify(body: dict[str, Any]) -> LoginIdentity:
     is a hash of (user id, client MAC, venue id, authenticationTime): a redelivery of the same
     login has the same id, another login of the same person has another.
     """
-    user_id = _id_text(_section(body, "user").get("id"))
+    user = _section(body, "user")
+    user_id = _id_text(user.get("id"))
     mac = normalise_mac(_section(body, "client").get("mac"))
-    venue_id = _id_text(venue_section(body).get("id"))
+    venue = _section(user, "venue") or _section(body, "venue")
+    venue_id = _id_text(venue.get("id"))
     raw_time = _section(body, "session").get("authenticationTime")
     time_ms = parse_time_ms(raw_time)
     time_text = str(time_ms) if time_ms is not None else (str(raw_time) if raw_time else "")
 
     key = user_id or mac or FALLBACK_KEY
-    digest = hashlib.sha256(_EVENT_ID_VERSION)
-    for part in (user_id or "", mac or "", venue_id or "", time_text):
-        digest.update(_SEPARATOR)
-        digest.update(part.encode())
-    return LoginIdentity(key=key.encode(), event_id=digest.hexdigest()[:32])
+    identity = _SEPARATOR.join(
+        (_EVENT_ID_VERSION, user_id or "", mac or "", venue_id or "", time_text)
+    )
+    return LoginIdentity(key=key.encode(), event_id=sha256(identity.encode()).hexdigest()[:32])

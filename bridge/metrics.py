@@ -6,6 +6,7 @@ Labels carry outcomes and error classes only: never ids, e-mails or anything fro
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,7 +20,6 @@ from prometheus_client import (
 from bridge import __version__
 
 _ACK_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_SIZE_BUCKETS_BYTES = (256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144)
 
 
 class BridgeMetrics:
@@ -40,12 +40,6 @@ class BridgeMetrics:
             buckets=_ACK_BUCKETS_S,
             registry=r,
         )
-        self.body_size = Histogram(
-            "wifi_bridge_body_bytes",
-            "Decompressed size of accepted bodies",
-            buckets=_SIZE_BUCKETS_BYTES,
-            registry=r,
-        )
         self.publish_errors = Counter(
             "wifi_bridge_publish_errors",
             "Records Kafka did not acknowledge in time, by topic and error class",
@@ -58,11 +52,14 @@ class BridgeMetrics:
             ["reason"],
             registry=r,
         )
-        self.in_flight = Gauge(
+        #: Webhook requests being handled now; a plain int, read by the gauge at scrape time.
+        self.in_flight = 0
+        Gauge(
             "wifi_bridge_in_flight_requests",
             "Webhook requests being handled now",
             registry=r,
-        )
+        ).set_function(lambda: self.in_flight)
+        self._request_children: dict[tuple[str, str], Any] = {}
         self.kafka_ready = Gauge(
             "wifi_bridge_kafka_ready",
             "1 when the last readiness probe reached Kafka, else 0",
@@ -77,6 +74,15 @@ class BridgeMetrics:
         build.labels(version=__version__, python=platform.python_version()).set(1)
 
     content_type = CONTENT_TYPE_LATEST
+
+    def count_request(self, method: str, outcome: str) -> None:
+        """``requests.labels(method, outcome).inc()`` without the label lookup per request."""
+        child = self._request_children.get((method, outcome))
+        if child is None:
+            child = self._request_children[method, outcome] = self.requests.labels(
+                method=method, outcome=outcome
+            )
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -18,7 +17,7 @@ from bridge.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
-Headers = Sequence[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 
 
 class Publisher(Protocol):
@@ -95,7 +94,7 @@ class KafkaPublisher:
             async with asyncio.timeout(timeout_s):
                 # The delivery future is safe to abandon on timeout: aiokafka skips
                 # futures that are already done when the batch completes.
-                delivery = await producer.send(topic, value=value, key=key, headers=list(headers))
+                delivery = await producer.send(topic, value=value, key=key, headers=headers)
                 await delivery
         except TimeoutError:
             self._metrics.publish_errors.labels(topic=topic, error="Timeout").inc()

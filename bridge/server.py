@@ -26,6 +26,29 @@ log = logging.getLogger(__name__)
 _CONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
+def make_publisher(settings: BridgeSettings, metrics: BridgeMetrics) -> Publisher:
+    if settings.producer == "aiokafka":
+        return KafkaPublisher(
+            settings=settings.kafka, metrics=metrics, linger_ms=settings.linger_ms
+        )
+    from bridge.rdkafka import RdKafkaPublisher
+
+    return RdKafkaPublisher(settings=settings.kafka, metrics=metrics, linger_ms=settings.linger_ms)
+
+
+def run(settings: BridgeSettings) -> int:
+    """``serve`` on the configured event loop (uvloop when asked for or available)."""
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise
+        else:
+            return uvloop.run(serve(settings))
+    return asyncio.run(serve(settings))
+
+
 def _tls_context(settings: BridgeSettings) -> ssl.SSLContext | None:
     if settings.tls_certfile is None or settings.tls_keyfile is None:
         return None
@@ -67,9 +90,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
 
     metrics = BridgeMetrics()
-    publisher = KafkaPublisher(
-        settings=settings.kafka, metrics=metrics, linger_ms=settings.linger_ms
-    )
+    publisher = make_publisher(settings, metrics)
     state = BridgeState()
     receiver = Receiver(settings=settings, publisher=publisher, metrics=metrics, state=state)
     runner = web.AppRunner(

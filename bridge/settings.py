@@ -78,7 +78,19 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
         "5000",
         "how long a request waits for Kafka's acknowledgement before it is answered 503",
     ),
-    Option("BRIDGE_LINGER_MS", "2", "producer linger: how long a batch waits to fill"),
+    Option("BRIDGE_LINGER_MS", "0", "producer linger: how long a batch waits to fill"),
+    Option(
+        "BRIDGE_PRODUCER",
+        "librdkafka",
+        "producer client: librdkafka (confluent-kafka) or aiokafka",
+        choices=("librdkafka", "aiokafka"),
+    ),
+    Option(
+        "BRIDGE_EVENT_LOOP",
+        "auto",
+        "asyncio, uvloop, or auto (uvloop when installed)",
+        choices=("auto", "asyncio", "uvloop"),
+    ),
     Option("BRIDGE_SHUTDOWN_TIMEOUT_S", "20", "on SIGTERM, how long in-flight requests may finish"),
     Option("BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Option(
@@ -165,7 +177,9 @@ class BridgeSettings:
     tls_keyfile: Path | None = None
     max_body_bytes: int = 65536
     ack_timeout_ms: int = 5000
-    linger_ms: int = 2
+    linger_ms: int = 0
+    producer: str = "librdkafka"
+    event_loop: str = "auto"
     shutdown_timeout_s: int = 20
     log_level: str = "INFO"
     log_format: str = "auto"
@@ -203,6 +217,8 @@ class BridgeSettings:
                 values, "BRIDGE_ACK_TIMEOUT_MS", minimum=100, maximum=9000
             ),
             linger_ms=config.integer(values, "BRIDGE_LINGER_MS", minimum=0, maximum=1000),
+            producer=config.text(values, "BRIDGE_PRODUCER"),
+            event_loop=config.text(values, "BRIDGE_EVENT_LOOP"),
             shutdown_timeout_s=config.integer(values, "BRIDGE_SHUTDOWN_TIMEOUT_S", minimum=0),
             log_level=config.text(values, "BRIDGE_LOG_LEVEL").upper(),
             log_format=config.text(values, "BRIDGE_LOG_FORMAT"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from bridge.errors import (
 )
 from bridge.event import identify
 from bridge.metrics import BridgeMetrics
-from bridge.publisher import Publisher
+from bridge.publisher import Headers, Publisher
 from bridge.settings import BridgeSettings
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ LISTENER_HEADER = "wifiWebhookListener"
 _JSON = "application/json"
 _RETRY_AFTER_S = "30"
 _READY_CACHE_S = 1.0
+_ACCEPTED_HEADERS = {hdrs.CONTENT_TYPE: _JSON, LISTENER_HEADER: "1"}
 
 
 @dataclass(slots=True)
@@ -85,13 +87,14 @@ class Receiver:
         self.metrics = metrics
         self.state = state if state is not None else BridgeState()
         self.gate = Gate.from_settings(settings)
+        self._ack_timeout_s = settings.ack_timeout_s
 
     async def webhook(self, request: web.Request) -> web.StreamResponse:
         method = request.method
         if not self.gate.token_matches(request.match_info.get("token")):
-            self.metrics.requests.labels(method=method, outcome="not_found").inc()
+            self.metrics.count_request(method, "not_found")
             return _json(404, {"error": "not_found", "message": "no such URL"}, listener=False)
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             outcome, response = await self._webhook(request, method)
         except WifiBridgeError as exc:
@@ -101,13 +104,16 @@ class Receiver:
             outcome = "internal_error"
             response = _json(500, {"error": "internal_error", "message": "unexpected error"})
         finally:
-            self.metrics.in_flight.dec()
-        self.metrics.requests.labels(method=method, outcome=outcome).inc()
+            self.metrics.in_flight -= 1
+        self.metrics.count_request(method, outcome)
         return response
 
     async def _webhook(self, request: web.Request, method: str) -> tuple[str, web.Response]:
-        self.gate.check_source(request.remote, request.headers.get(hdrs.X_FORWARDED_FOR))
-        self.gate.check_basic_auth(request.headers.get(hdrs.AUTHORIZATION))
+        gate = self.gate
+        if gate.allowed_networks:
+            gate.check_source(request.remote, request.headers.get(hdrs.X_FORWARDED_FOR))
+        if gate.basic_auth is not None:
+            gate.check_basic_auth(request.headers.get(hdrs.AUTHORIZATION))
         if method in {hdrs.METH_GET, hdrs.METH_HEAD}:
             return "handshake", _json(200, {"status": "ok"})
         if method != hdrs.METH_POST:
@@ -145,9 +151,10 @@ class Receiver:
             raise PublishError("not connected to Kafka yet")
 
         identity = identify(parsed)
-        headers = [
-            ("event-id", identity.event_id.encode()),
-            ("received-at", str(received_ms).encode()),
+        event_id = identity.event_id.encode()
+        headers: Headers = [
+            ("event-id", event_id),
+            ("received-at", b"%d" % received_ms),
             ("content-type", content_type.encode()),
         ]
         await self.publisher.publish(
@@ -155,10 +162,10 @@ class Receiver:
             key=identity.key,
             value=data,
             headers=headers,
-            timeout_s=settings.ack_timeout_s,
+            timeout_s=self._ack_timeout_s,
         )
-        self.metrics.body_size.observe(len(data))
-        return "accepted", _json(200, {"status": "accepted", "eventId": identity.event_id})
+        body = b'{"status":"accepted","eventId":"' + event_id + b'"}'
+        return "accepted", web.Response(body=body, headers=_ACCEPTED_HEADERS)
 
     async def _dead_letter(
         self,
@@ -175,7 +182,7 @@ class Receiver:
                 topic=self.settings.topic_dlq, error="NotStarted"
             ).inc()
             return
-        headers = [
+        headers: Headers = [
             ("dlq-reason", exc.code.encode()),
             ("dlq-detail", exc.message.encode()[:1024]),
             ("received-at", str(received_ms).encode()),
@@ -189,7 +196,7 @@ class Receiver:
                 key=b"",
                 value=value,
                 headers=headers,
-                timeout_s=self.settings.ack_timeout_s,
+                timeout_s=self._ack_timeout_s,
             )
         except PublishError:
             log.warning(
@@ -223,33 +230,40 @@ class Receiver:
         return response
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Routing errors (unknown path, wrong method) as JSON like every other error."""
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = exc.reason.lower().replace(" ", "_")
-        response = _json(exc.status, {"error": code, "message": exc.reason}, listener=False)
-        for name in (hdrs.ALLOW,):
-            if name in exc.headers:
-                response.headers[name] = exc.headers[name]
-        return response
-
-
 RECEIVER = web.AppKey("receiver", Receiver)
 
 
 def create_app(receiver: Receiver) -> web.Application:
     settings = receiver.settings
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
+    # client_max_size bounds request.read(); see bridge.body.read_bounded.
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[RECEIVER] = receiver
     route = settings.webhook_path + ("/{token}" if settings.token else "")
     app.router.add_route("*", route, receiver.webhook)
-    app.router.add_get("/healthz", receiver.healthz)
-    app.router.add_get("/readyz", receiver.readyz)
-    app.router.add_get("/metrics", receiver.metrics_endpoint)
+    app.router.add_route("*", "/healthz", _get_only(receiver.healthz))
+    app.router.add_route("*", "/readyz", _get_only(receiver.readyz))
+    app.router.add_route("*", "/metrics", _get_only(receiver.metrics_endpoint))
+    app.router.add_route("*", "/{anything:.*}", _not_found)
     return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _get_only(handler: Handler) -> Handler:
+    """JSON 405 for other methods (a route per method would answer aiohttp's plain text)."""
+
+    async def only_get(request: web.Request) -> web.Response:
+        if request.method not in {hdrs.METH_GET, hdrs.METH_HEAD}:
+            response = _json(
+                405, {"error": "method_not_allowed", "message": "use GET"}, listener=False
+            )
+            response.headers[hdrs.ALLOW] = "GET, HEAD"
+            return response
+        return await handler(request)
+
+    return only_get
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return _json(404, {"error": "not_found", "message": "no such URL"}, listener=False)

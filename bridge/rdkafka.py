@@ -1,0 +1,196 @@
+"""A publisher on librdkafka (confluent-kafka), the bridge's default producer client.
+
+Why: on the request path the producer client's cost per record dominates, and librdkafka's
+``produce()`` is a C call that only enqueues. Its delivery reports are served on the event
+loop's thread in batches (see :class:`RdKafkaPublisher`). Partitioning is ``murmur2_random``:
+murmur2 over the key, as the Java client and Kafka Streams compute it (librdkafka's own
+default, CRC32, would not co-partition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from functools import partial
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException
+
+from bridge.errors import PublishError
+from bridge.metrics import BridgeMetrics
+from bridge.publisher import Headers
+from bridge.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+def producer_config(settings: KafkaSettings, *, linger_ms: int) -> dict[str, Any]:
+    """librdkafka settings: idempotent, acks=all, murmur2, and the project's security options."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": linger_ms,
+        "partitioner": "murmur2_random",
+        "security.protocol": settings.security_protocol.lower(),
+    }
+    if settings.security_protocol.startswith("SASL"):
+        config["sasl.mechanism"] = settings.sasl_mechanism
+        config["sasl.username"] = settings.sasl_username
+        config["sasl.password"] = settings.sasl_password
+    if settings.ssl_cafile:
+        config["ssl.ca.location"] = str(settings.ssl_cafile)
+    if settings.ssl_certfile:
+        config["ssl.certificate.location"] = str(settings.ssl_certfile)
+    if settings.ssl_keyfile:
+        config["ssl.key.location"] = str(settings.ssl_keyfile)
+    if settings.ssl_key_password:
+        config["ssl.key.password"] = settings.ssl_key_password
+    return config
+
+
+class RdKafkaPublisher:
+    """Publishes with librdkafka and resolves each record's future on the event loop.
+
+    ``publish`` returns once the broker acknowledged the record (``acks=all``), or raises
+    :class:`PublishError` after ``timeout_s``; a record that times out may still be delivered
+    later and keeps its event id, so consumers can drop the copy.
+
+    Delivery reports are served by ``poll(0)`` on the event loop's own thread, every
+    ``poll_interval_ms`` (default 1) while records await their ack: a poller thread would
+    fight the event loop for the GIL on every report. The same pass fails the requests whose
+    budget ran out, oldest first, so no request needs a timer of its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: KafkaSettings,
+        metrics: BridgeMetrics,
+        linger_ms: int = 1,
+        poll_interval_ms: int = 1,
+    ) -> None:
+        if linger_ms < 0:
+            raise ValueError("linger_ms must be >= 0")
+        if poll_interval_ms < 1:
+            raise ValueError("poll_interval_ms must be >= 1")
+        self._config = producer_config(settings, linger_ms=linger_ms)
+        self._config["error_cb"] = self._on_error
+        # librdkafka's own log lines, through Python logging (served by poll(), on the loop).
+        self._config["logger"] = logging.getLogger("librdkafka")
+        self._metrics = metrics
+        self._poll_interval_s = poll_interval_ms / 1000
+        self._producer: confluent_kafka.Producer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._waiting: deque[tuple[float, str, asyncio.Future[None]]] = deque()
+        self._work = asyncio.Event()
+        self.fatal_error: KafkaError | None = None
+
+    async def start(self) -> None:
+        """Create the producer and check that a broker answers; raises if none does."""
+        producer = confluent_kafka.Producer(self._config)
+        try:
+            await asyncio.to_thread(producer.list_topics, timeout=10)
+        except KafkaException as exc:
+            producer.close()
+            raise PublishError(f"no Kafka broker answered: {exc.args[0]}") from None
+        self._loop = asyncio.get_running_loop()
+        self._producer = producer
+        self._poller = asyncio.create_task(self._poll_loop(producer), name="rdkafka-poll")
+
+    async def stop(self) -> None:
+        """Deliver what is queued (within 30 s), serve the last reports, stop polling."""
+        producer = self._producer
+        if producer is None:
+            return
+        remaining = await asyncio.to_thread(producer.flush, 30)
+        if remaining:
+            log.warning("records left undelivered at shutdown", extra={"records": remaining})
+        producer.poll(0)
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        self._producer = None
+        producer.close()
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        producer, loop = self._producer, self._loop
+        if producer is None or loop is None:
+            raise PublishError("not connected to Kafka")
+        started = loop.time()
+        delivered: asyncio.Future[None] = loop.create_future()
+        try:
+            producer.produce(
+                topic, value, key, headers=headers, on_delivery=partial(_report, delivered)
+            )
+        except BufferError:
+            self._metrics.publish_errors.labels(topic=topic, error="QueueFull").inc()
+            raise PublishError("the producer's queue is full") from None
+        except KafkaException as exc:
+            name = _error_name(exc)
+            self._metrics.publish_errors.labels(topic=topic, error=name).inc()
+            raise PublishError(f"Kafka refused the record: {name}") from None
+        self._waiting.append((started + timeout_s, topic, delivered))
+        self._work.set()
+        try:
+            await delivered
+        except KafkaException as exc:
+            name = _error_name(exc)
+            self._metrics.publish_errors.labels(topic=topic, error=name).inc()
+            raise PublishError(f"Kafka refused the record: {name}") from None
+        self._metrics.ack_latency.observe(loop.time() - started)
+
+    async def ping(self, *, timeout_s: float) -> bool:
+        producer = self._producer
+        if producer is None or self.fatal_error is not None:
+            return False
+        try:
+            metadata = await asyncio.to_thread(producer.list_topics, timeout=timeout_s)
+        except KafkaException:
+            return False
+        return bool(metadata.brokers)
+
+    async def _poll_loop(self, producer: confluent_kafka.Producer) -> None:
+        waiting = self._waiting
+        while True:
+            if not waiting:
+                self._work.clear()
+                await self._work.wait()
+            await asyncio.sleep(self._poll_interval_s)
+            producer.poll(0)  # runs the delivery callbacks, on this thread
+            now = asyncio.get_running_loop().time()
+            while waiting and (waiting[0][2].done() or waiting[0][0] <= now):
+                _, topic, delivered = waiting.popleft()
+                if not delivered.done():
+                    self._metrics.publish_errors.labels(topic=topic, error="Timeout").inc()
+                    delivered.set_exception(
+                        PublishError("Kafka did not acknowledge within the budget")
+                    )
+
+    def _on_error(self, err: KafkaError) -> None:
+        # librdkafka calls this from poll(), that is on the event loop's thread.
+        if err.fatal():
+            self.fatal_error = err
+            log.error("producer hit a fatal error", extra={"error": err.name()})
+        else:
+            log.warning("Kafka client error", extra={"error": err.name()})
+
+
+def _report(delivered: asyncio.Future[None], err: KafkaError | None, _msg: object) -> None:
+    if delivered.done():  # its request already ran out of time
+        return
+    if err is None:
+        delivered.set_result(None)
+    else:
+        delivered.set_exception(KafkaException(err))
+
+
+def _error_name(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return err.name() if isinstance(err, KafkaError) else type(exc).__name__
