@@ -9,6 +9,7 @@ backoff. On SIGTERM the process stops accepting connections, lets in-flight requ
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -112,6 +113,10 @@ async def serve(
         extra={"url": f"{scheme}://{settings.host}:{settings.port}{shown_path}"},
     )
 
+    # Everything allocated so far (modules, app, clients) lives as long as the process: keep it
+    # out of the cyclic GC's scans, which otherwise grow with the heap and run every few
+    # hundred requests (measured: about 30 us of CPU per request).
+    gc.freeze()
     connecting = asyncio.create_task(_connect(settings, publisher, state))
     try:
         await stop.wait()

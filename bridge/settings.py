@@ -78,7 +78,7 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
         "5000",
         "how long a request waits for Kafka's acknowledgement before it is answered 503",
     ),
-    Option("BRIDGE_LINGER_MS", "0", "producer linger: how long a batch waits to fill"),
+    Option("BRIDGE_LINGER_MS", "5", "producer linger: how long a batch waits to fill"),
     Option(
         "BRIDGE_PRODUCER",
         "librdkafka",
@@ -177,7 +177,7 @@ class BridgeSettings:
     tls_keyfile: Path | None = None
     max_body_bytes: int = 65536
     ack_timeout_ms: int = 5000
-    linger_ms: int = 0
+    linger_ms: int = 5
     producer: str = "librdkafka"
     event_loop: str = "auto"
     shutdown_timeout_s: int = 20
