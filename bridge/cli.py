@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bridge import __version__, config, logs
 from bridge.config import Option
-from bridge.errors import ConfigError
-from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings
+from bridge.errors import ConfigError, WifiBridgeError
+from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings, KafkaSettings
 
 SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
     ("Kafka (every service)", KAFKA_OPTIONS),
@@ -52,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_options(serve, "Kafka", KAFKA_OPTIONS)
     config.add_options(serve, "receiver", BRIDGE_OPTIONS)
 
+    spool = commands.add_parser("spool", help="inspect or drain a spool directory")
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
+    status = spool_commands.add_parser("status", help="records, bytes and age of a spool")
+    status.add_argument("directory", type=Path)
+    drain = spool_commands.add_parser(
+        "drain",
+        help="publish a spool's records to Kafka (offline; not while a bridge holds it)",
+        description="Publish every record of a spool directory to Kafka, oldest first. "
+        "Kafka settings as for serve.",
+    )
+    drain.add_argument("directory", type=Path)
+    config.add_options(drain, "Kafka", KAFKA_OPTIONS)
+
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
 
@@ -61,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "settings":
         sys.stdout.write(settings_markdown())
         return 0
+    if args.command == "spool":
+        return _spool(args)
     try:
         settings = BridgeSettings.load(args, os.environ)
     except ConfigError as exc:
@@ -71,8 +88,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run(settings)
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. the port is taken
         print(f"wifi-bridge: cannot serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _spool(args: argparse.Namespace) -> int:
+    from bridge import spool_cli
+
+    try:
+        if args.spool_command == "status":
+            return spool_cli.status(args.directory)
+        kafka = KafkaSettings.from_values(config.resolve(KAFKA_OPTIONS, args, os.environ))
+        logs.configure(level="WARNING", log_format="text")
+        return asyncio.run(spool_cli.drain(args.directory, kafka))
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except WifiBridgeError as exc:
+        print(f"wifi-bridge: {exc}", file=sys.stderr)
         return 1
 
 

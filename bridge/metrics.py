@@ -6,7 +6,9 @@ Labels carry outcomes and error classes only: never ids, e-mails or anything fro
 from __future__ import annotations
 
 import platform
-from typing import Any
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,8 +18,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from bridge import __version__
+
+if TYPE_CHECKING:
+    from bridge.spool import Spool
 
 _ACK_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -65,6 +73,21 @@ class BridgeMetrics:
             "1 when the last readiness probe reached Kafka, else 0",
             registry=r,
         )
+        self.spooled_records = Counter(
+            "wifi_bridge_spooled_records",
+            "Records written to the local spool because Kafka did not acknowledge in time",
+            registry=r,
+        )
+        self.drained_records = Counter(
+            "wifi_bridge_spool_drained_records",
+            "Spooled records published to Kafka and acknowledged (rate: the drain rate)",
+            registry=r,
+        )
+        self.producer_rebuilds = Counter(
+            "wifi_bridge_producer_rebuilds",
+            "Kafka producers rebuilt because they failed while the broker answered",
+            registry=r,
+        )
         build = Gauge(
             "wifi_bridge_build_info",
             "Version of the bridge and its runtime",
@@ -74,6 +97,10 @@ class BridgeMetrics:
         build.labels(version=__version__, python=platform.python_version()).set(1)
 
     content_type = CONTENT_TYPE_LATEST
+
+    def watch_spool(self, spool: Spool) -> None:
+        """Export the spool's own counters at scrape time."""
+        self.registry.register(_SpoolCollector(spool))
 
     def count_request(self, method: str, outcome: str) -> None:
         """``requests.labels(method, outcome).inc()`` without the label lookup per request."""
@@ -86,3 +113,30 @@ class BridgeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SpoolCollector(Collector):
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._spool.stats()
+        oldest_s = 0.0
+        if stats.oldest_spooled_at_ms is not None:
+            oldest_s = max(0.0, time.time() - stats.oldest_spooled_at_ms / 1000)
+        yield GaugeMetricFamily(
+            "wifi_bridge_spool_records", "Records in the spool not yet in Kafka", stats.records
+        )
+        yield GaugeMetricFamily(
+            "wifi_bridge_spool_bytes", "Bytes of spool segments on disk", stats.bytes
+        )
+        yield GaugeMetricFamily(
+            "wifi_bridge_spool_oldest_record_age_seconds",
+            "Age of the oldest record waiting in the spool (0 when empty)",
+            oldest_s,
+        )
+        yield CounterMetricFamily(
+            "wifi_bridge_spool_corrupt_records",
+            "Damaged spool records set aside under corrupt/",
+            stats.corrupt_records,
+        )

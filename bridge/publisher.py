@@ -23,9 +23,14 @@ Headers = list[tuple[str, str | bytes | None]]
 class Publisher(Protocol):
     """Where accepted records go; :meth:`publish` returns once the record is safe."""
 
+    @property
+    def connected(self) -> bool:
+        """Whether a producer is up (it may still be waiting for a broker)."""
+        ...
+
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self, *, timeout_s: float = 30.0) -> None: ...
 
     async def publish(
         self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
@@ -63,6 +68,10 @@ class KafkaPublisher:
         }
         self._producer: AIOKafkaProducer | None = None
 
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
+
     async def start(self) -> None:
         """Connect; a failed start leaves nothing behind, so it can simply be tried again."""
         producer = AIOKafkaProducer(**self._options)
@@ -73,13 +82,16 @@ class KafkaPublisher:
             raise
         self._producer = producer
 
-    async def stop(self) -> None:
-        """Send what is buffered, wait for its acks, close the connections."""
+    async def stop(self, *, timeout_s: float = 30.0) -> None:
+        """Send what is buffered and wait for its acks (up to ``timeout_s``), then close."""
         producer, self._producer = self._producer, None
         if producer is None:
             return
         try:
-            await producer.flush()
+            async with asyncio.timeout(timeout_s):
+                await producer.flush()
+        except TimeoutError:
+            log.warning("records left undelivered at shutdown")
         finally:
             await producer.stop()
 

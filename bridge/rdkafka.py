@@ -90,6 +90,10 @@ class RdKafkaPublisher:
         self._work = asyncio.Event()
         self.fatal_error: KafkaError | None = None
 
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None and self.fatal_error is None
+
     async def start(self) -> None:
         """Create the producer and check that a broker answers; raises if none does."""
         producer = confluent_kafka.Producer(self._config)
@@ -102,12 +106,16 @@ class RdKafkaPublisher:
         self._producer = producer
         self._poller = asyncio.create_task(self._poll_loop(producer), name="rdkafka-poll")
 
-    async def stop(self) -> None:
-        """Deliver what is queued (within 30 s), serve the last reports, stop polling."""
+    async def stop(self, *, timeout_s: float = 30.0) -> None:
+        """Deliver what is queued (within ``timeout_s``), serve the last reports, close.
+
+        A request still waiting for its ack then fails with :class:`PublishError` (its record
+        may yet have reached Kafka, which its event id makes harmless).
+        """
         producer = self._producer
         if producer is None:
             return
-        remaining = await asyncio.to_thread(producer.flush, 30)
+        remaining = await asyncio.to_thread(producer.flush, timeout_s)
         if remaining:
             log.warning("records left undelivered at shutdown", extra={"records": remaining})
         producer.poll(0)
@@ -115,6 +123,10 @@ class RdKafkaPublisher:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         self._producer = None
+        while self._waiting:
+            _, _, delivered = self._waiting.popleft()
+            if not delivered.done():
+                delivered.set_exception(PublishError("the producer was closed before the ack"))
         producer.close()
 
     async def publish(

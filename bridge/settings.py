@@ -78,6 +78,13 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
         "5000",
         "how long a request waits for Kafka's acknowledgement before it is answered 503",
     ),
+    Option(
+        "BRIDGE_SPOOL_DIR",
+        ".spool",
+        "directory of the local spool that takes records while Kafka does not acknowledge",
+    ),
+    Option("BRIDGE_SPOOL_MAX_BYTES", "1073741824", "size cap of the spool; past it: 503"),
+    Option("BRIDGE_SPOOL_FSYNC", "true", "fsync spooled records (false only for tests)"),
     Option("BRIDGE_LINGER_MS", "5", "producer linger: how long a batch waits to fill"),
     Option(
         "BRIDGE_PRODUCER",
@@ -177,6 +184,9 @@ class BridgeSettings:
     tls_keyfile: Path | None = None
     max_body_bytes: int = 65536
     ack_timeout_ms: int = 5000
+    spool_dir: Path = Path(".spool")
+    spool_max_bytes: int = 1 << 30
+    spool_fsync: bool = True
     linger_ms: int = 5
     producer: str = "librdkafka"
     event_loop: str = "auto"
@@ -216,6 +226,9 @@ class BridgeSettings:
             ack_timeout_ms=config.integer(
                 values, "BRIDGE_ACK_TIMEOUT_MS", minimum=100, maximum=9000
             ),
+            spool_dir=Path(config.text(values, "BRIDGE_SPOOL_DIR")),
+            spool_max_bytes=config.integer(values, "BRIDGE_SPOOL_MAX_BYTES", minimum=1 << 20),
+            spool_fsync=config.boolean(values, "BRIDGE_SPOOL_FSYNC"),
             linger_ms=config.integer(values, "BRIDGE_LINGER_MS", minimum=0, maximum=1000),
             producer=config.text(values, "BRIDGE_PRODUCER"),
             event_loop=config.text(values, "BRIDGE_EVENT_LOOP"),

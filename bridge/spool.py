@@ -1364,6 +1364,10 @@ class Spool:
 
     # -- state -------------------------------------------------------------------------------
 
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
     def stats(self) -> SpoolStats:
         """Counters of the spool (see :class:`SpoolStats`); no disk access."""
         return SpoolStats(

@@ -23,7 +23,6 @@ from bridge.auth import Gate
 from bridge.errors import (
     BadBody,
     BadEncoding,
-    PublishError,
     RequestError,
     Unauthorized,
     WifiBridgeError,
@@ -46,7 +45,6 @@ _ACCEPTED_HEADERS = {hdrs.CONTENT_TYPE: _JSON, LISTENER_HEADER: "1"}
 class BridgeState:
     """What the running app knows beyond its settings; mutated only by the serve loop."""
 
-    publisher_started: bool = False
     shutting_down: bool = False
     last_ready_check_s: float = 0.0
     last_ready: bool = False
@@ -147,9 +145,6 @@ class Receiver:
             kept, kept_encoding = (raw, encoding) if isinstance(exc, BadEncoding) else (data, "")
             await self._dead_letter(exc, kept, content_type, kept_encoding, received_ms)
             raise
-        if not self.state.publisher_started:
-            raise PublishError("not connected to Kafka yet")
-
         identity = identify(parsed)
         event_id = identity.event_id.encode()
         headers: Headers = [
@@ -177,11 +172,6 @@ class Receiver:
     ) -> None:
         """Keep an authenticated body that cannot be read; the answer stays a 4xx either way."""
         log.info("body kept in the dead-letter topic", extra={"reason": exc.code})
-        if not self.state.publisher_started:
-            self.metrics.publish_errors.labels(
-                topic=self.settings.topic_dlq, error="NotStarted"
-            ).inc()
-            return
         headers: Headers = [
             ("dlq-reason", exc.code.encode()),
             ("dlq-detail", exc.message.encode()[:1024]),
@@ -198,7 +188,7 @@ class Receiver:
                 headers=headers,
                 timeout_s=self._ack_timeout_s,
             )
-        except PublishError:
+        except WifiBridgeError:
             log.warning(
                 "could not keep a bad body in the dead-letter topic", extra={"reason": exc.code}
             )
@@ -215,14 +205,13 @@ class Receiver:
         async with state.ready_lock:
             now = time.monotonic()
             if now - state.last_ready_check_s > _READY_CACHE_S:
-                state.last_ready = state.publisher_started and await self.publisher.ping(
-                    timeout_s=2.0
-                )
+                state.last_ready = await self.publisher.ping(timeout_s=2.0)
                 state.last_ready_check_s = time.monotonic()
                 self.metrics.kafka_ready.set(1 if state.last_ready else 0)
+        kafka = self.publisher.connected
         if not state.last_ready:
-            return _json(503, {"status": "kafka_unreachable"}, listener=False)
-        return _json(200, {"status": "ready"}, listener=False)
+            return _json(503, {"status": "unavailable", "kafka": kafka}, listener=False)
+        return _json(200, {"status": "ready", "kafka": kafka}, listener=False)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         response = web.Response(body=self.metrics.render())

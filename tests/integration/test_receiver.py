@@ -247,23 +247,28 @@ async def test_500_concurrent_posts_all_arrive_exactly_once(
         assert record.key == str(orjson.loads(record.value)["user"]["id"]).encode()
 
 
-async def test_kafka_unreachable_answers_503_with_retry_after_and_stays_alive(
+async def test_kafka_unreachable_the_body_is_spooled_answered_200_and_readiness_stays_green(
     start_bridge: StartBridge,
 ) -> None:
+    from bridge.spool import read_stats
     from devkafka.broker import free_port
 
     bridge = await start_bridge(
-        ready=False, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", BRIDGE_ACK_TIMEOUT_MS="500"
+        kafka=False, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", BRIDGE_ACK_TIMEOUT_MS="500"
     )
     status, headers, payload = await post(bridge.webhook_url, DOCUMENTED_SAMPLE)
-    assert (status, payload["error"]) == (503, "kafka_unavailable")
-    assert headers["Retry-After"].isdigit()
+    assert (status, payload["status"]) == (200, "accepted")
     assert headers["wifiWebhookListener"] == "1"
     async with aiohttp.ClientSession() as session:
-        async with session.get(bridge.base_url + "/healthz") as response:
+        async with session.get(bridge.base_url + "/readyz") as response:
             assert response.status == 200
+            assert (await response.json())["kafka"] is False
         async with session.get(bridge.webhook_url) as response:
             assert response.status == 200  # the handshake works without Kafka
+        async with session.get(bridge.base_url + "/metrics") as response:
+            assert "wifi_bridge_spool_records 1.0" in await response.text()
+    assert bridge.spool_dir is not None
+    assert read_stats(bridge.spool_dir).records == 1
 
 
 async def test_metrics_count_outcomes_and_carry_no_personal_data(

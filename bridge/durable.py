@@ -1,0 +1,256 @@
+"""Kafka first, the local spool when Kafka does not acknowledge in time.
+
+The sender retries a failed delivery only after 3 hours and disables a listener that keeps
+failing, so a Kafka outage must not become errors towards it. :class:`DurablePublisher` wraps
+the producer: a record goes to Kafka and, when no ack comes within the budget (or the producer
+is not connected, or older records still wait in the spool), it is appended to the spool and
+fsynced instead; either way it is safe when ``publish`` returns. A drainer publishes spooled
+records oldest first and acknowledges them in the spool only after Kafka acknowledged them.
+While the spool holds a backlog, new records queue behind it, so a key's records reach Kafka
+in the order they were received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from bridge.errors import PublishError
+from bridge.metrics import BridgeMetrics
+from bridge.publisher import Headers, Publisher
+from bridge.rdkafka import RdKafkaPublisher
+from bridge.spool import Spool, SpooledEntry, SpoolFull, SpoolRecord, SpoolUnavailable
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[], Awaitable[Publisher]]
+
+_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+#: Consecutive failed publishes after which a producer whose broker answers is rebuilt.
+_WEDGED_AFTER_FAILURES = 3
+
+
+def _backoff(attempt: int) -> float:
+    return _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+
+
+class DurablePublisher:
+    """A :class:`Publisher` that never loses an accepted record while the disk holds.
+
+    ``connect`` returns a started producer (it provisions topics first); it is retried with
+    backoff until it succeeds and again whenever the producer has to be rebuilt.
+    ``ack_timeout_s`` bounds the wait for Kafka on the request path; ``drain_timeout_s``
+    (default 30) bounds the drainer's wait for a batch; ``drain_batch_records`` (default 500)
+    is how many spooled records one drain step publishes at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect: Connect,
+        spool: Spool,
+        metrics: BridgeMetrics,
+        drain_batch_records: int = 500,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        if drain_batch_records < 1:
+            raise ValueError("drain_batch_records must be >= 1")
+        self._connect = connect
+        self._spool = spool
+        self._metrics = metrics
+        self._drain_batch_records = drain_batch_records
+        self._drain_timeout_s = drain_timeout_s
+        self._kafka: Publisher | None = None
+        self._backlog = False
+        self._spool_failing = False
+        self._failures = 0
+        self._wakeup = asyncio.Event()
+        self._kafka_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._kafka is not None
+
+    async def start(self) -> None:
+        """Open the spool (raises SpoolUnavailable if it cannot) and start connecting."""
+        await self._spool.open()
+        self._backlog = self._spool.stats().records > 0
+        if self._backlog:
+            log.info(
+                "spool holds records from before", extra={"records": self._spool.stats().records}
+            )
+        self._metrics.watch_spool(self._spool)
+        self._tasks = [
+            asyncio.create_task(self._connect_loop(), name="kafka-connect"),
+            asyncio.create_task(self._drain_loop(), name="spool-drain"),
+        ]
+
+    async def stop(self, *, timeout_s: float = 30.0) -> None:
+        """Stop draining, flush the producer, close the spool (what is left stays there)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        kafka, self._kafka = self._kafka, None
+        if kafka is not None:
+            await kafka.stop(timeout_s=timeout_s)
+        await self._spool.close()
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        kafka = self._kafka
+        if kafka is not None and not self._backlog:
+            try:
+                await kafka.publish(
+                    topic, key=key, value=value, headers=headers, timeout_s=timeout_s
+                )
+            except PublishError as exc:
+                self._note_failure(kafka, exc)
+            else:
+                self._failures = 0
+                return
+        record = SpoolRecord(
+            topic=topic,
+            key=key,
+            value=value,
+            headers=[
+                (name, v if isinstance(v, bytes) else (v or "").encode()) for name, v in headers
+            ],
+            spooled_at_ms=int(time.time() * 1000),
+        )
+        try:
+            await self._spool.append(record)
+        except SpoolFull:
+            raise  # the caller answers 503; the spool recovers as the drainer empties it
+        except SpoolUnavailable:
+            self._spool_failing = True
+            raise
+        self._spool_failing = False
+        self._backlog = True
+        self._metrics.spooled_records.inc()
+        self._wakeup.set()
+
+    async def ping(self, *, timeout_s: float) -> bool:
+        """Ready while Kafka answers or the spool still takes records."""
+        kafka = self._kafka
+        if kafka is not None and await kafka.ping(timeout_s=timeout_s):
+            return True
+        return not self._spool_failing and self._spool.stats().bytes < self._spool.max_bytes
+
+    # -- background ----------------------------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        attempt = 0
+        while True:
+            if self._kafka is not None:
+                self._kafka_changed.clear()
+                await self._kafka_changed.wait()
+                continue
+            try:
+                self._kafka = await self._connect()
+            except Exception as exc:
+                delay = _backoff(attempt)
+                attempt += 1
+                log.warning(
+                    "Kafka not reachable yet, retrying",
+                    extra={"error": type(exc).__name__, "retry_in_s": delay, "attempt": attempt},
+                )
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            self._failures = 0
+            log.info("connected to Kafka")
+            self._wakeup.set()
+
+    def _note_failure(self, kafka: Publisher, exc: PublishError) -> None:
+        self._failures += 1
+        fatal = isinstance(kafka, RdKafkaPublisher) and kafka.fatal_error is not None
+        if fatal or self._failures >= _WEDGED_AFTER_FAILURES:
+            asyncio.get_running_loop().create_task(self._maybe_rebuild(kafka, fatal=fatal))
+
+    async def _maybe_rebuild(self, kafka: Publisher, *, fatal: bool) -> None:
+        """Rebuild a producer that fails while its broker answers (a wedged idempotent producer).
+
+        When the broker does not answer either, Kafka is down: keep the producer, which
+        reconnects by itself, and let the spool take the records meanwhile.
+        """
+        if self._kafka is not kafka:
+            return  # already being rebuilt
+        if not fatal and not await kafka.ping(timeout_s=2.0):
+            return
+        if self._kafka is not kafka:
+            return
+        log.warning(
+            "rebuilding the Kafka producer", extra={"fatal": fatal, "failures": self._failures}
+        )
+        self._metrics.producer_rebuilds.inc()
+        self._kafka = None
+        self._failures = 0
+        self._kafka_changed.set()
+        with contextlib.suppress(Exception):
+            await kafka.stop(timeout_s=1.0)
+
+    async def _drain_loop(self) -> None:
+        attempt = 0
+        while True:
+            if not self._backlog:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            kafka = self._kafka
+            if kafka is None:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=_backoff(attempt))
+                continue
+            entries = await self._spool.read_batch(self._drain_batch_records)
+            if not entries:
+                self._backlog = False  # caught up: new records may go straight to Kafka
+                continue
+            if await self._drain(kafka, entries):
+                attempt = 0
+            else:
+                await self._spool.rewind()
+                delay = _backoff(attempt)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _drain(self, kafka: Publisher, entries: list[SpooledEntry]) -> bool:
+        """Publish one batch in order; acknowledge what Kafka acknowledged. True if all were."""
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(
+                kafka.publish(
+                    e.record.topic,
+                    key=e.record.key or b"",
+                    value=e.record.value,
+                    headers=list(e.record.headers),
+                    timeout_s=self._drain_timeout_s,
+                )
+                for e in entries
+            ),
+            return_exceptions=True,
+        )
+        delivered = [e for e, result in zip(entries, results, strict=True) if result is None]
+        await self._spool.acknowledge(delivered)
+        self._metrics.drained_records.inc(len(delivered))
+        failures = [r for r in results if r is not None]
+        if not failures:
+            self._failures = 0
+            log.info(
+                "drained spooled records",
+                extra={"records": len(entries), "seconds": round(time.monotonic() - started, 3)},
+            )
+            return True
+        first = failures[0]
+        error = first if isinstance(first, PublishError) else PublishError(repr(first))
+        log.warning(
+            "draining the spool failed, retrying",
+            extra={"failed": len(failures), "records": len(entries), "error": str(error)},
+        )
+        self._note_failure(kafka, error)
+        return False

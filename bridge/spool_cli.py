@@ -1,0 +1,95 @@
+"""``wifi-bridge spool status|drain DIR``: look into a spool directory, or empty it offline.
+
+``drain`` is for a spool left behind (the volume of a pod that is gone, a host being retired):
+it publishes every record to the topic it was meant for, oldest first, with the same producer
+settings as the bridge, and acknowledges each only after Kafka did. It refuses a directory a
+running bridge holds (the spool's lock).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from bridge.errors import PublishError, WifiBridgeError
+from bridge.metrics import BridgeMetrics
+from bridge.rdkafka import RdKafkaPublisher
+from bridge.settings import KafkaSettings
+from bridge.spool import Spool, SpoolStats, read_stats
+
+_PROGRESS_EVERY_S = 1.0
+
+
+def _age(stats: SpoolStats) -> str:
+    if stats.oldest_spooled_at_ms is None:
+        return "-"
+    seconds = max(0, int(time.time() - stats.oldest_spooled_at_ms / 1000))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
+
+
+def status(directory: Path, out: TextIO = sys.stdout) -> int:
+    stats = read_stats(directory)
+    out.write(
+        f"spool {directory}\n"
+        f"  records waiting   {stats.records}\n"
+        f"  bytes on disk     {stats.bytes}\n"
+        f"  segments          {stats.segments}\n"
+        f"  oldest record age {_age(stats)}\n"
+        f"  corrupt records   {stats.corrupt_records} ({stats.corrupt_bytes} bytes set aside)\n"
+    )
+    return 0
+
+
+async def drain(
+    directory: Path,
+    kafka: KafkaSettings,
+    *,
+    batch_records: int = 500,
+    timeout_s: float = 30.0,
+    out: TextIO = sys.stderr,
+) -> int:
+    """Publish every spooled record; 0 when the spool is empty, 1 if Kafka failed us."""
+    total = read_stats(directory).records
+    out.write(f"draining {total} records from {directory} to {kafka.bootstrap_servers}\n")
+    publisher = RdKafkaPublisher(settings=kafka, metrics=BridgeMetrics())
+    try:
+        await publisher.start()
+    except WifiBridgeError as exc:
+        out.write(f"cannot reach Kafka: {exc}\n")
+        return 1
+    drained = 0
+    started = last_report = time.monotonic()
+    try:
+        async with Spool(directory=directory) as spool:
+            async for entries in spool.iter_batches(max_records=batch_records):
+                for entry in entries:
+                    record = entry.record
+                    await publisher.publish(
+                        record.topic,
+                        key=record.key or b"",
+                        value=record.value,
+                        headers=list(record.headers),
+                        timeout_s=timeout_s,
+                    )
+                await spool.acknowledge(entries)
+                drained += len(entries)
+                now = time.monotonic()
+                if now - last_report >= _PROGRESS_EVERY_S:
+                    rate = drained / (now - started)
+                    out.write(f"  drained {drained}/{total} records ({rate:.0f}/s)\n")
+                    last_report = now
+            left = spool.stats()
+    except PublishError as exc:
+        out.write(f"stopped after {drained} records: {exc}; run drain again to resume\n")
+        return 1
+    finally:
+        await publisher.stop()
+    elapsed = time.monotonic() - started
+    out.write(
+        f"drained {drained} records in {elapsed:.1f} s; {left.records} left, "
+        f"{left.corrupt_records} corrupt set aside\n"
+    )
+    return 0

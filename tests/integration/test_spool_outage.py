@@ -1,0 +1,176 @@
+"""A Kafka outage never reaches the sender: real broker processes stopped, bridges killed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from devkafka.broker import LocalKafka, free_port
+from tests.fixtures.bridge import RunningBridge
+from tests.fixtures.kafka import consume
+from tests.fixtures.samples import login_body
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+Spawn = Callable[..., Awaitable[RunningBridge]]
+SENDER_TIMEOUT_S = 10.0
+
+
+@pytest.fixture
+async def own_broker(tmp_path: Path) -> AsyncIterator[LocalKafka]:
+    """A broker of this test's own, which the test may stop and start again."""
+    broker = LocalKafka(data_dir=tmp_path / "own-kafka", port=free_port())
+    await asyncio.to_thread(broker.start)
+    yield broker
+    await asyncio.to_thread(broker.stop)
+
+
+def event_ids(records: list[Any]) -> set[bytes]:
+    return {dict(r.headers)["event-id"] for r in records}
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, float, Any]:
+    started = time.monotonic()
+    async with session.post(url, data=body) as response:
+        payload = await response.json()
+        return response.status, time.monotonic() - started, (payload, dict(response.headers))
+
+
+async def metric(bridge: RunningBridge, name: str) -> float:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(bridge.base_url + "/metrics") as response,
+    ):
+        for line in (await response.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+async def wait_for_metric(
+    bridge: RunningBridge, name: str, wanted: float, timeout_s: float = 60.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await metric(bridge, name) == wanted:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{name} did not reach {wanted} in {timeout_s} s")
+
+
+async def test_broker_stopped_during_posts_every_post_gets_200_in_time_and_all_land_after_restart(
+    own_broker: LocalKafka, spawn_bridge: Spawn
+) -> None:
+    bridge = await spawn_bridge(
+        KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap_servers, BRIDGE_ACK_TIMEOUT_MS="1500"
+    )
+    acknowledged: list[bytes] = []
+    slowest_s = 0.0
+    statuses: list[int] = []
+    sending = True
+
+    async def sender(worker: int) -> None:
+        nonlocal slowest_s
+        n = 0
+        async with aiohttp.ClientSession() as session:
+            while sending:
+                body = login_body(user_id=worker * 1_000_000 + n, minute=n)
+                n += 1
+                status, took_s, (payload, _) = await post(session, bridge.webhook_url, body)
+                statuses.append(status)
+                slowest_s = max(slowest_s, took_s)
+                if status == 200:
+                    acknowledged.append(payload["eventId"].encode())
+                await asyncio.sleep(0.02)
+
+    workers = [asyncio.create_task(sender(w)) for w in range(8)]
+    await asyncio.sleep(1.0)
+    before_outage = len(acknowledged)
+    await asyncio.to_thread(own_broker.stop)
+    await asyncio.sleep(4.0)
+    during_outage = len(acknowledged) - before_outage
+    await asyncio.to_thread(own_broker.start)
+    await asyncio.sleep(2.0)
+    sending = False
+    await asyncio.gather(*workers)
+
+    assert set(statuses) == {200}
+    assert slowest_s < SENDER_TIMEOUT_S
+    assert before_outage > 0
+    assert during_outage > 0, "no post was answered while the broker was down"
+    assert await metric(bridge, "wifi_bridge_spooled_records_total") > 0
+    await wait_for_metric(bridge, "wifi_bridge_spool_records", 0.0)
+    records = await consume(
+        own_broker.bootstrap_servers, bridge.topic_raw, count=len(acknowledged), timeout_s=60
+    )
+    missing = set(acknowledged) - event_ids(records)
+    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged events are missing"
+
+
+async def test_sigkilled_bridge_drains_its_spool_after_restart(
+    own_broker: LocalKafka, spawn_bridge: Spawn, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "kept-spool"
+    first = await spawn_bridge(
+        KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap_servers,
+        BRIDGE_ACK_TIMEOUT_MS="500",
+        spool_dir=str(spool_dir),
+    )
+    await asyncio.to_thread(own_broker.stop)
+    acknowledged = []
+    async with aiohttp.ClientSession() as session:
+        for n in range(20):
+            status, _, (payload, _) = await post(session, first.webhook_url, login_body(minute=n))
+            assert status == 200
+            acknowledged.append(payload["eventId"].encode())
+    assert first.process is not None
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+
+    await asyncio.to_thread(own_broker.start)
+    second = await spawn_bridge(
+        KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap_servers,
+        spool_dir=str(spool_dir),
+        topic_raw=first.topic_raw,
+    )
+    await wait_for_metric(second, "wifi_bridge_spool_records", 0.0)
+    records = await consume(own_broker.bootstrap_servers, first.topic_raw, count=20, timeout_s=60)
+    assert set(acknowledged) <= event_ids(records)
+
+
+async def test_full_spool_answers_503_with_retry_after_and_recovers_by_itself(
+    own_broker: LocalKafka, spawn_bridge: Spawn
+) -> None:
+    bridge = await spawn_bridge(
+        KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap_servers,
+        BRIDGE_ACK_TIMEOUT_MS="300",
+        BRIDGE_SPOOL_MAX_BYTES=str(1 << 20),
+    )
+    await asyncio.to_thread(own_broker.stop)
+    big = login_body()[:-1] + b',"pad":"' + b"x" * 60_000 + b'"}'
+    async with aiohttp.ClientSession() as session:
+        answers = []
+        for _ in range(40):
+            status, _, (payload, headers) = await post(session, bridge.webhook_url, big)
+            answers.append(status)
+            if status == 503:
+                assert payload["error"] == "spool_full"
+                assert headers["Retry-After"].isdigit()
+                assert headers["wifiWebhookListener"] == "1"
+                break
+        assert answers[0] == 200
+        assert answers[-1] == 503, "the spool never filled up"
+        assert bridge.process is not None
+        assert bridge.process.poll() is None
+
+        await asyncio.to_thread(own_broker.start)
+        await wait_for_metric(bridge, "wifi_bridge_spool_records", 0.0)
+        status, _, _ = await post(session, bridge.webhook_url, big)
+        assert status == 200
