@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bridge.errors import PublishError, WifiBridgeError
+from bridge.kafka import TopicSpec, ensure_topics
 from bridge.metrics import BridgeMetrics
 from bridge.rdkafka import RdKafkaPublisher
 from bridge.settings import KafkaSettings
@@ -61,10 +62,15 @@ async def drain(
         out.write(f"cannot reach Kafka: {exc}\n")
         return 1
     drained = 0
+    known_topics: set[str] = set()
     started = last_report = time.monotonic()
     try:
         async with Spool(directory=directory) as spool:
             async for entries in spool.iter_batches(max_records=batch_records):
+                new_topics = {e.record.topic for e in entries} - known_topics
+                if new_topics:  # as the bridge would have (KAFKA_CREATE_TOPICS)
+                    await ensure_topics(kafka, [TopicSpec(t) for t in sorted(new_topics)])
+                    known_topics |= new_topics
                 for entry in entries:
                     record = entry.record
                     await publisher.publish(

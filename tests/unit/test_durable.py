@@ -1,0 +1,147 @@
+"""DurablePublisher's decisions, with the real spool and a scripted producer behind the seam."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bridge.durable import DurablePublisher
+from bridge.errors import PublishError
+from bridge.metrics import BridgeMetrics
+from bridge.publisher import Headers, Publisher
+from bridge.spool import Spool
+
+
+class ScriptedProducer:
+    """Acknowledges, or fails every publish as a producer does when it is wedged."""
+
+    def __init__(self, *, fails: bool, broker_answers: bool = True) -> None:
+        self.fails = fails
+        self.broker_answers = broker_answers
+        self.published: list[bytes] = []
+        self.stopped = False
+
+    @property
+    def connected(self) -> bool:
+        return not self.stopped
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self, *, timeout_s: float = 30.0) -> None:
+        self.stopped = True
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        if self.fails:
+            raise PublishError("Kafka did not acknowledge within the budget")
+        self.published.append(value)
+
+    async def ping(self, *, timeout_s: float) -> bool:
+        return self.broker_answers
+
+
+async def settle(condition: object, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def durable(
+    tmp_path: Path, producers: list[ScriptedProducer]
+) -> tuple[DurablePublisher, BridgeMetrics]:
+    queue = list(producers)
+
+    async def connect() -> Publisher:
+        return queue.pop(0)
+
+    metrics = BridgeMetrics()
+    spool = Spool(
+        directory=tmp_path / "spool", fsync=False, max_bytes=1 << 20, segment_bytes=1 << 16
+    )
+    return DurablePublisher(connect=connect, spool=spool, metrics=metrics), metrics
+
+
+def sample(metrics: BridgeMetrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name)
+
+
+async def publish(publisher: DurablePublisher, n: int) -> None:
+    await publisher.publish("raw", key=b"k", value=b"%d" % n, headers=[], timeout_s=0.1)
+
+
+async def test_a_producer_failing_while_its_broker_answers_is_rebuilt_and_the_spool_drains_in_order(
+    tmp_path: Path,
+) -> None:
+    wedged, healthy = ScriptedProducer(fails=True), ScriptedProducer(fails=False)
+    publisher, metrics = durable(tmp_path, [wedged, healthy])
+    await publisher.start()
+    try:
+        await settle(lambda: publisher.connected)
+        for n in range(10):
+            await publish(publisher, n)  # never raises: what Kafka did not take, the spool did
+        await settle(lambda: healthy.published == [b"%d" % n for n in range(10)])
+        assert wedged.stopped
+        assert sample(metrics, "wifi_bridge_producer_rebuilds_total") == 1
+        assert sample(metrics, "wifi_bridge_spooled_records_total") == 10
+    finally:
+        await publisher.stop()
+
+
+async def test_a_producer_whose_broker_is_down_is_kept_and_records_wait_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    down = ScriptedProducer(fails=True, broker_answers=False)
+    publisher, metrics = durable(tmp_path, [down])
+    await publisher.start()
+    try:
+        await settle(lambda: publisher.connected)
+        for n in range(5):
+            await publish(publisher, n)
+        await asyncio.sleep(0.3)
+        assert not down.stopped
+        assert sample(metrics, "wifi_bridge_producer_rebuilds_total") == 0
+        assert sample(metrics, "wifi_bridge_spool_records") == 5
+        down.fails, down.broker_answers = False, True  # the broker is back
+        await settle(lambda: len(down.published) == 5, timeout_s=20)
+    finally:
+        await publisher.stop()
+
+
+async def test_records_left_in_the_spool_at_start_are_drained_before_new_ones(
+    tmp_path: Path,
+) -> None:
+    first, _ = durable(tmp_path, [ScriptedProducer(fails=True, broker_answers=False)])
+    await first.start()
+    for n in range(3):
+        await publish(first, n)
+    await first.stop()
+
+    healthy = ScriptedProducer(fails=False)
+    second, _ = durable(tmp_path, [healthy])
+    await second.start()
+    try:
+        await settle(lambda: second.connected)
+        await publish(second, 3)  # queues behind the backlog
+        await settle(lambda: len(healthy.published) == 4)
+        assert healthy.published == [b"0", b"1", b"2", b"3"]
+    finally:
+        await second.stop()
+
+
+def test_drain_batch_must_be_positive(tmp_path: Path) -> None:
+    spool = Spool(directory=tmp_path / "s", fsync=False)
+
+    async def connect() -> Publisher:
+        raise AssertionError
+
+    with pytest.raises(ValueError, match="drain_batch_records"):
+        DurablePublisher(
+            connect=connect, spool=spool, metrics=BridgeMetrics(), drain_batch_records=0
+        )
