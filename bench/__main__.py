@@ -6,7 +6,9 @@ default) and against the same Kafka broker:
 - ``bare``: an aiohttp handler that reads the body and answers 200 (the ceiling);
 - ``naive``: one ``send_and_wait`` per request, aiokafka with default settings;
 - ``bridge``: ``wifi-bridge serve`` as shipped (librdkafka producer, acks=all, idempotent);
-- ``bridge-aiokafka``: the same with ``BRIDGE_PRODUCER=aiokafka``, the measured alternative.
+- ``bridge-aiokafka``: the same with ``BRIDGE_PRODUCER=aiokafka``, the measured alternative;
+- ``bridge-spool``: the bridge while Kafka is down (it points at a port nobody listens on), so
+  every record takes the spool path (append, group-commit fsync, then 200).
 
 They are loaded in turn by ``wrk`` (64 connections, one thread) with distinct login bodies;
 rounds alternate so a noisy neighbour hurts each alike. What matters is the ratios printed at
@@ -82,12 +84,12 @@ def broker() -> Iterator[str]:
             local.stop()
 
 
-def _wait_http(url: str, timeout_s: float = 60) -> None:
+def _wait_http(url: str, timeout_s: float = 60, *, contains: bytes = b"") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
-                if response.status == 200:
+                if response.status == 200 and contains in response.read():
                     return
         except OSError:
             pass
@@ -102,9 +104,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def contender(kind: str, bootstrap: str, topic: str, loop: str) -> Iterator[tuple[str, int]]:
+def contender(
+    kind: str, bootstrap: str, topic: str, loop: str, spool_dir: Path
+) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ}
+    if kind == "bridge-spool":
+        bootstrap = f"127.0.0.1:{free_port()}"  # Kafka down
     if kind.startswith("bridge"):
         command = [sys.executable, "-m", "bridge", "serve"]
         env.update(
@@ -116,6 +122,7 @@ def contender(kind: str, bootstrap: str, topic: str, loop: str) -> Iterator[tupl
             BRIDGE_LOG_LEVEL="WARNING",
             BRIDGE_EVENT_LOOP=loop,
             BRIDGE_PRODUCER="aiokafka" if kind == "bridge-aiokafka" else "librdkafka",
+            BRIDGE_SPOOL_DIR=str(spool_dir / f"{kind}-{port}"),
         )
         ready = f"http://127.0.0.1:{port}/readyz"
     else:
@@ -124,7 +131,9 @@ def contender(kind: str, bootstrap: str, topic: str, loop: str) -> Iterator[tupl
         ready = f"http://127.0.0.1:{port}{PATH}"
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
-        _wait_http(ready)
+        # A bridge is ready at once (its spool takes records); wait until Kafka is connected.
+        need_kafka = kind.startswith("bridge") and kind != "bridge-spool"
+        _wait_http(ready, contains=b'"kafka":true' if need_kafka else b"")
         yield f"http://127.0.0.1:{port}{PATH}", process.pid
     finally:
         process.terminate()
@@ -174,7 +183,7 @@ def main() -> int:
         print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
 
-    kinds = ("bare", "naive", "bridge", "bridge-aiokafka")
+    kinds = ("bare", "naive", "bridge", "bridge-aiokafka", "bridge-spool")
     results: dict[str, list[Result]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, broker() as bootstrap:
         script = Path(tmp) / "post.lua"
@@ -184,7 +193,10 @@ def main() -> int:
         asyncio.run(ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), topics))
         for round_no in range(1, args.rounds + 1):
             for kind in kinds:
-                with contender(kind, bootstrap, f"bench.{kind}", args.loop) as (url, pid):
+                with contender(kind, bootstrap, f"bench.{kind}", args.loop, Path(tmp)) as (
+                    url,
+                    pid,
+                ):
                     run_wrk(url, script, args.warmup_s, args.connections)
                     cpu_before = cpu_seconds(pid)
                     result = run_wrk(url, script, args.duration_s, args.connections)
@@ -218,6 +230,11 @@ def main() -> int:
     print(f"bridge on aiokafka / bare:       {aiokafka_ratio:.2f}  (the other producer client)")
     # Throughput also depends on what else shares the machine (the broker and wrk run beside
     # the bridge, not beside the bare handler); CPU per request is the server's own cost.
+    spool_ratio = median["bridge-spool"] / median["bridge"]
+    print(f"bridge, Kafka down (spool) / bridge: {spool_ratio:.2f}  (target >= 0.5)")
+    print(
+        f"  p99 with Kafka down: {p99['bridge-spool']:.2f} ms, with Kafka: {p99['bridge']:.2f} ms"
+    )
     print(f"CPU per request, bare / bridge:  {cpu['bare'] / cpu['bridge']:.2f}")
     print(f"CPU per request, bare / bridge on aiokafka: {cpu['bare'] / cpu['bridge-aiokafka']:.2f}")
     if any(r.errors for r in results["bridge"]):
