@@ -4,7 +4,11 @@
   (default ``.kafka-data``, relative to the current directory); client port ``--port`` or
   ``$KAFKA_PORT`` (default 9092).  The broker keeps running after this command exits; its
   pid is in ``<data dir>/broker.pid``.  If that broker is already running and answering,
-  says so and exits 0.
+  says so and exits 0.  ``--sasl-port``, ``--ssl-port`` and ``--sasl-ssl-port`` add
+  secured client listeners (SASL_PLAINTEXT, SSL, SASL_SSL; see
+  :class:`devkafka.broker.LocalKafka`); ``--sasl-user NAME=PASSWORD`` (repeatable) sets
+  their users (default ``bridge=bridge-secret``; SCRAM users only take effect on a data dir
+  formatted by this start, i.e. a new one).
 * ``down``: SIGTERM the broker, wait (``--timeout``, default 30 s), then SIGKILL; removes
   the pid file.  Exit 0 also when nothing was running.
 * ``status``: prints whether it runs.  Exit 0 running and answering, 1 running but not
@@ -25,7 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from devkafka.broker import (
+    DEFAULT_SASL_USERS,
     KAFKA_VERSION,
+    SASL_MECHANISMS,
     DevKafkaError,
     LocalKafka,
     ensure_jars,
@@ -38,6 +44,7 @@ from devkafka.broker import (
 
 PID_FILE_NAME = "broker.pid"
 EXIT_NOT_RUNNING = 3
+SECURED_PORTS = ("sasl_port", "ssl_port", "sasl_ssl_port")
 
 
 def _env_port() -> int:
@@ -97,25 +104,62 @@ def find_broker_pid(data_dir: Path) -> int | None:
     return None
 
 
+def _sasl_users(pairs: Sequence[str] | None) -> dict[str, str]:
+    if not pairs:
+        return dict(DEFAULT_SASL_USERS)
+    users: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, password = pair.partition("=")
+        if not sep or not name or not password:
+            raise DevKafkaError(f"--sasl-user wants NAME=PASSWORD, got {pair!r}")
+        users[name] = password
+    return users
+
+
+def _describe_secured(broker: LocalKafka) -> list[str]:
+    users = ", ".join(f"{name} / {password}" for name, password in broker.sasl_users.items())
+    mechanisms = ", ".join(SASL_MECHANISMS)
+    lines = []
+    if broker.sasl_port is not None:
+        lines.append(f"  SASL_PLAINTEXT on {broker.sasl_bootstrap_servers} ({mechanisms}; {users})")
+    if broker.ssl_port is not None:
+        lines.append(f"  SSL on {broker.ssl_bootstrap_servers} (CA: {broker.ssl_cafile})")
+    if broker.sasl_ssl_port is not None:
+        lines.append(
+            f"  SASL_SSL on {broker.sasl_ssl_bootstrap_servers} ({mechanisms}; {users}; "
+            f"CA: {broker.ssl_cafile})"
+        )
+    return lines
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args.data_dir)
     port = args.port if args.port is not None else _env_port()
-    if not 0 < port < 65536:
-        raise DevKafkaError(f"invalid port {port}")
+    for number in (port, *(getattr(args, name) for name in SECURED_PORTS)):
+        if number is not None and not 0 < number < 65536:
+            raise DevKafkaError(f"invalid port {number}")
+    users = _sasl_users(args.sasl_user)
     data_dir.mkdir(parents=True, exist_ok=True)
     ensure_jars()  # outside the lock: has its own, and may take a while
     with file_lock(data_dir / ".devkafka.lock"):
         pid = find_broker_pid(data_dir)
         if pid is not None:
-            return _already_running(data_dir, pid, port, args.timeout)
+            return _already_running(data_dir, pid, port, args)
         (data_dir / PID_FILE_NAME).unlink(missing_ok=True)
-        broker = LocalKafka(
-            data_dir=data_dir,
-            port=port,
-            host=args.host,
-            heap_mb=args.heap_mb,
-            die_with_parent=False,
-        )
+        try:
+            broker = LocalKafka(
+                data_dir=data_dir,
+                port=port,
+                host=args.host,
+                heap_mb=args.heap_mb,
+                die_with_parent=False,
+                sasl_port=args.sasl_port,
+                ssl_port=args.ssl_port,
+                sasl_ssl_port=args.sasl_ssl_port,
+                sasl_users=users,
+            )
+        except ValueError as exc:
+            raise DevKafkaError(str(exc)) from None
         started = time.monotonic()
         broker.spawn()
         assert broker.pid is not None
@@ -128,10 +172,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise
         logging.getLogger("devkafka").info("started in %.1f s", time.monotonic() - started)
         print(f"Kafka {KAFKA_VERSION} ready on {broker.bootstrap_servers} (data: {data_dir})")
+        for line in _describe_secured(broker):
+            print(line)
         return 0
 
 
-def _already_running(data_dir: Path, pid: int, port: int, timeout_s: float) -> int:
+def _already_running(data_dir: Path, pid: int, port: int, args: argparse.Namespace) -> int:
     endpoint = _endpoint(data_dir)
     if endpoint is None:
         raise DevKafkaError(
@@ -144,7 +190,17 @@ def _already_running(data_dir: Path, pid: int, port: int, timeout_s: float) -> i
             f"Kafka already runs from {data_dir} on {host}:{running_port} (pid {pid}), "
             f"not on port {port}; run `python -m devkafka down` first"
         )
+    state = _state(data_dir)
+    for name in SECURED_PORTS:
+        wanted = getattr(args, name)
+        if wanted is not None and state.get(name) != wanted:
+            flag = "--" + name.replace("_", "-")
+            raise DevKafkaError(
+                f"Kafka already runs from {data_dir} (pid {pid}) without {flag} {wanted}; "
+                "run `python -m devkafka down` first"
+            )
     (data_dir / PID_FILE_NAME).write_text(f"{pid}\n")
+    timeout_s: float = args.timeout
     deadline = time.monotonic() + timeout_s
     while not is_serving(host, running_port):  # maybe a concurrent `up` is still starting it
         if time.monotonic() >= deadline or not is_broker_process(pid, data_dir):
@@ -214,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--heap-mb", type=int, default=512, help="JVM max heap, MiB (default 512)")
     up.add_argument(
         "--timeout", type=float, default=90.0, help="seconds to wait for start-up (default 90)"
+    )
+    up.add_argument("--sasl-port", type=int, help="also a SASL_PLAINTEXT listener on this port")
+    up.add_argument("--ssl-port", type=int, help="also an SSL listener (self-signed CA)")
+    up.add_argument("--sasl-ssl-port", type=int, help="also a SASL_SSL listener on this port")
+    up.add_argument(
+        "--sasl-user",
+        action="append",
+        metavar="NAME=PASSWORD",
+        help="SASL user, repeatable (default bridge=bridge-secret)",
     )
     up.set_defaults(func=cmd_up)
 

@@ -14,6 +14,12 @@ Layout of a broker's ``data_dir`` (created as needed; everything stays inside it
       logs/server.log     the broker's own log4j2 log (rolled at 20 MB, 3 kept)
       kraft/              log.dirs: KRaft metadata log and topic partitions
       devkafka.json       cluster id and ports picked on first start
+      tls/                only with a TLS listener: own CA, broker and client certificates
+
+Besides the PLAINTEXT client listener a node can open secured ones for testing client
+security settings (see :class:`LocalKafka`): SASL_PLAINTEXT (PLAIN, SCRAM-SHA-256 and
+SCRAM-SHA-512), SSL (server certificate from a CA generated with ``openssl``) and
+SASL_SSL.  Inter-broker and controller traffic stay PLAINTEXT.
 
 Time values are seconds unless a name says otherwise (``*_ms``); sizes are
 mebibytes where named ``*_mb``.
@@ -28,9 +34,11 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,6 +51,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,16 @@ _LOCK_NAME = ".lock"
 _STATE_NAME = "devkafka.json"
 _LOG_DIR_NAME = "kraft"
 _POLL_INTERVAL_S = 0.25
+_TLS_DIR_NAME = "tls"
+_CERT_DAYS = 3650
+
+SASL_MECHANISMS: tuple[str, ...] = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+"""SASL mechanisms enabled on the SASL_PLAINTEXT and SASL_SSL listeners."""
+
+DEFAULT_SASL_USERS: Mapping[str, str] = MappingProxyType({"bridge": "bridge-secret"})
+"""User name -> password accepted on the SASL listeners when none are given."""
+
+_CREDENTIAL_RE = re.compile(r"[A-Za-z0-9._@+-]+")
 
 
 class DevKafkaError(RuntimeError):
@@ -420,16 +439,172 @@ def _die_with_parent_hook(parent_pid: int) -> Callable[[], None]:
     return hook
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _tail(path: Path, lines: int = 40, start: int = 0) -> str:
+    """Last ``lines`` lines of ``path`` written after byte offset ``start``."""
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
-            handle.seek(max(0, size - 64 * 1024))
+            if start > size:  # rolled over since
+                start = 0
+            handle.seek(max(start, size - 64 * 1024))
             data = handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
     return "\n".join(data.splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------- security
+
+
+def _check_credentials(users: Mapping[str, str]) -> dict[str, str]:
+    """Copy of ``users`` after checking names and passwords are safe to embed unquoted.
+
+    They end up in a JAAS config line, a ``server.properties`` value and the storage
+    tool's ``--add-scram`` argument, so only ``A-Z a-z 0-9 . _ @ + -`` are allowed.
+    """
+    checked: dict[str, str] = {}
+    for name, password in users.items():
+        for what, text in (("user name", name), ("password", password)):
+            if not _CREDENTIAL_RE.fullmatch(text):
+                raise ValueError(
+                    f"SASL {what} {text!r} for user {name!r}: use only letters, digits and "
+                    "'._@+-' (non-empty)"
+                )
+        checked[name] = password
+    return checked
+
+
+def _credentials_digest(users: Mapping[str, str]) -> str:
+    text = "\n".join(f"{name}\0{users[name]}" for name in sorted(users))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _escape_property(value: str) -> str:
+    """``value`` escaped for a Java ``.properties`` file (backslashes and line breaks)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _san_entries(host: str) -> list[str]:
+    """``subjectAltName`` entries of the broker certificate: 127.0.0.1, localhost, ``host``."""
+    entries = ["IP:127.0.0.1", "DNS:localhost"]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        extra = f"DNS:{host}"
+    else:
+        extra = f"IP:{host}"
+    if extra not in entries and host not in ("", "0.0.0.0", "::"):
+        entries.append(extra)
+    return entries
+
+
+def _openssl(args: Sequence[str], cwd: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise DevKafkaError(
+            "`openssl` not found on PATH: it generates the certificates of the local "
+            "broker's SSL listener (e.g. `apt-get install openssl`)"
+        )
+    proc = subprocess.run(
+        [openssl, *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise DevKafkaError(
+            f"`openssl {' '.join(args[:2])}` failed (exit {proc.returncode}):\n"
+            + proc.stdout.strip()
+        )
+
+
+def _issue_certificate(tls_dir: Path, name: str, subject: str, extensions: str) -> None:
+    """New key ``<name>.key`` and certificate ``<name>.pem`` signed by the CA in ``tls_dir``."""
+    (tls_dir / f"{name}.ext").write_text(extensions)
+    _openssl(
+        [
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
+        ],
+        tls_dir,
+    )  # fmt: skip
+    _openssl(
+        [
+            "x509", "-req", "-sha256", "-in", f"{name}.csr",
+            "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-set_serial", f"0x{uuid.uuid4().hex}", "-days", str(_CERT_DAYS),
+            "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+        ],
+        tls_dir,
+    )  # fmt: skip
+    (tls_dir / f"{name}.key").chmod(0o600)
+
+
+def ensure_tls_material(tls_dir: Path, host: str) -> None:
+    """Create (once) a self-signed CA and certificates it signs, in ``tls_dir``.
+
+    Files: ``ca.pem`` (CA certificate: what clients verify the broker with) and
+    ``ca.key``; ``broker.pem`` / ``broker.key`` (server certificate and its unencrypted
+    PKCS#8 RSA key) with ``san.txt`` (its subjectAltName); ``client.pem`` /
+    ``client.key`` (a client certificate, CN ``devkafka-client``, for mutual TLS).  The
+    broker certificate names ``IP:127.0.0.1``, ``DNS:localhost`` and ``host``; it is
+    re-issued when that list changes, the CA and client certificate only when a file is
+    missing.  All are valid for 3650 days.  Needs ``openssl`` on ``PATH``; raises
+    :class:`DevKafkaError` when it fails.
+    """
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    tls_dir.chmod(0o700)
+    ca_pem, ca_key, san_file = tls_dir / "ca.pem", tls_dir / "ca.key", tls_dir / "san.txt"
+    san = ",".join(_san_entries(host))
+    new_ca = not (ca_pem.is_file() and ca_key.is_file())
+    if new_ca:
+        log.info("generating a self-signed CA in %s", tls_dir)
+        _openssl(
+            [
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
+                "-days", str(_CERT_DAYS),
+                "-keyout", ca_key.name, "-out", ca_pem.name,
+                "-subj", "/CN=devkafka local CA",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                "-addext", "subjectKeyIdentifier=hash",
+            ],
+            tls_dir,
+        )  # fmt: skip
+        ca_key.chmod(0o600)
+    leaf = (
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid\n"
+    )
+    try:
+        current_san = san_file.read_text().strip()
+    except OSError:
+        current_san = ""
+    broker_files = (tls_dir / "broker.pem", tls_dir / "broker.key")
+    if new_ca or current_san != san or not all(path.is_file() for path in broker_files):
+        log.info("issuing the broker certificate for %s in %s", san, tls_dir)
+        extensions = leaf + f"extendedKeyUsage=serverAuth\nsubjectAltName={san}\n"
+        _issue_certificate(tls_dir, "broker", "/CN=localhost", extensions)
+        san_file.write_text(san + "\n")
+    client_files = (tls_dir / "client.pem", tls_dir / "client.key")
+    if new_ca or not all(path.is_file() for path in client_files):
+        log.info("issuing a client certificate in %s", tls_dir)
+        extensions = leaf + "extendedKeyUsage=clientAuth\n"
+        _issue_certificate(tls_dir, "client", "/CN=devkafka-client", extensions)
 
 
 # ------------------------------------------------------------------- the broker
@@ -457,6 +632,31 @@ class LocalKafka:
       exit that skipped :meth:`stop`.  So a crashed test run leaves no orphan JVM.  Set
       False for a broker that must outlive this process (``python -m devkafka up``).
     * ``jvm_args``: extra JVM options, appended after the defaults (so they win).
+    * ``sasl_port``: if set, also a SASL_PLAINTEXT client listener on that port, with
+      the mechanisms in :data:`SASL_MECHANISMS` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).
+      Default ``None`` (no such listener).
+    * ``ssl_port``: if set, also an SSL (TLS) client listener on that port.  Its
+      certificate is signed by a CA generated with ``openssl`` into ``data_dir/tls``
+      on first use (:func:`ensure_tls_material`); clients verify it with
+      :attr:`ssl_cafile`.  Default ``None``.
+    * ``sasl_ssl_port``: if set, also a SASL_SSL listener (the SASL mechanisms and
+      users below, over that same TLS certificate).  Default ``None``.
+    * ``ssl_client_auth``: ``ssl.client.auth`` of the SSL and SASL_SSL listeners:
+      ``"none"`` (default: no client certificate asked), ``"requested"`` or
+      ``"required"``.  A client certificate signed by the CA is in
+      :attr:`ssl_client_certfile` / :attr:`ssl_client_keyfile`.  One listener alone:
+      ``extra_properties={"listener.name.sasl_ssl.ssl.client.auth": "required"}``.
+    * ``sasl_users``: user name -> password accepted on the SASL listeners, default
+      :data:`DEFAULT_SASL_USERS` (``bridge`` / ``bridge-secret``).  Letters, digits and
+      ``._@+-`` only.  PLAIN users come from the listener's inline JAAS config, so they
+      follow every start.  SCRAM credentials live in the KRaft metadata log and are
+      written when ``data_dir`` is first formatted (storage tool ``--add-scram``, once
+      per mechanism and user): a data dir formatted without SASL, or with other
+      users, keeps its old SCRAM credentials (a warning is logged), so choose the
+      users at first start or use a fresh ``data_dir``.
+
+    Inter-broker and controller traffic always use the PLAINTEXT listeners, and
+    :meth:`start` waits on the PLAINTEXT one (all listeners open together).
 
     Usable as a context manager (``start()`` on enter, ``stop()`` on exit).
     """
@@ -473,9 +673,25 @@ class LocalKafka:
         cache_dir: Path | None = None,
         die_with_parent: bool = True,
         jvm_args: Sequence[str] = (),
+        sasl_port: int | None = None,
+        ssl_port: int | None = None,
+        sasl_ssl_port: int | None = None,
+        sasl_users: Mapping[str, str] | None = None,
+        ssl_client_auth: str = "none",
     ) -> None:
+        if ssl_client_auth not in ("none", "requested", "required"):
+            raise ValueError(
+                f"ssl_client_auth must be none, requested or required, not {ssl_client_auth!r}"
+            )
         self.data_dir: Path = Path(data_dir).expanduser().resolve()
         self.port: int = port
+        self.sasl_port: int | None = sasl_port
+        self.ssl_port: int | None = ssl_port
+        self.sasl_ssl_port: int | None = sasl_ssl_port
+        self.sasl_users: dict[str, str] = _check_credentials(
+            DEFAULT_SASL_USERS if sasl_users is None else sasl_users
+        )
+        self.ssl_client_auth: str = ssl_client_auth
         self.controller_port: int | None = controller_port
         self.host: str = host
         self.heap_mb: int = heap_mb
@@ -488,6 +704,7 @@ class LocalKafka:
         self._static_voters: str | None = None
         self._cluster_id: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offsets: dict[Path, int] = {}
 
     # ----------------------------------------------------------------- properties
 
@@ -495,6 +712,57 @@ class LocalKafka:
     def bootstrap_servers(self) -> str:
         """``"host:port"`` of the client listener, for Kafka clients."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """``"host:port"`` of the SASL_PLAINTEXT listener; DevKafkaError if there is none."""
+        return self._endpoint("SASL_PLAINTEXT", self.sasl_port, "sasl_port")
+
+    @property
+    def ssl_bootstrap_servers(self) -> str:
+        """``"host:port"`` of the SSL listener; DevKafkaError if there is none."""
+        return self._endpoint("SSL", self.ssl_port, "ssl_port")
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        """``"host:port"`` of the SASL_SSL listener; DevKafkaError if there is none."""
+        return self._endpoint("SASL_SSL", self.sasl_ssl_port, "sasl_ssl_port")
+
+    def _endpoint(self, protocol: str, port: int | None, argument: str) -> str:
+        if port is None:
+            raise DevKafkaError(f"this broker has no {protocol} listener (no {argument} given)")
+        return f"{self.host}:{port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        """Directory of the generated CA, broker and client certificates (with TLS only)."""
+        return self.data_dir / _TLS_DIR_NAME
+
+    @property
+    def ssl_cafile(self) -> Path:
+        """PEM file of the CA that signed the broker certificate, for clients to verify it.
+
+        Exists once an SSL or SASL_SSL listener was prepared (first :meth:`start`).
+        """
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def ssl_client_certfile(self) -> Path:
+        """PEM client certificate signed by the CA (CN ``devkafka-client``), for mutual TLS."""
+        return self.tls_dir / "client.pem"
+
+    @property
+    def ssl_client_keyfile(self) -> Path:
+        """Unencrypted PKCS#8 PEM private key of :attr:`ssl_client_certfile`."""
+        return self.tls_dir / "client.key"
+
+    @property
+    def _uses_tls(self) -> bool:
+        return self.ssl_port is not None or self.sasl_ssl_port is not None
+
+    @property
+    def _uses_sasl(self) -> bool:
+        return self.sasl_port is not None or self.sasl_ssl_port is not None
 
     @property
     def pid(self) -> int | None:
@@ -594,22 +862,46 @@ class LocalKafka:
                 self.controller_port = stored
             else:
                 self.controller_port = free_port(self.host)
-        for name, number in (("port", self.port), ("controller port", self.controller_port)):
-            if not _port_is_free(self.host, number):
+        ports = {
+            "port": self.port,
+            "controller port": self.controller_port,
+            "SASL_PLAINTEXT port": self.sasl_port,
+            "SSL port": self.ssl_port,
+            "SASL_SSL port": self.sasl_ssl_port,
+        }
+        used = [number for number in ports.values() if number is not None]
+        if len(set(used)) != len(used):
+            raise DevKafkaError(f"cannot start Kafka: listener ports must differ: {ports}")
+        for name, number in ports.items():
+            if number is not None and not _port_is_free(self.host, number):
                 raise DevKafkaError(
                     f"cannot start Kafka: {name} {self.host}:{number} is already in use"
                 )
+        if self._uses_tls:
+            ensure_tls_material(self.tls_dir, self.host)
         self._write_configs()
+        scram_users = self.sasl_users if self._uses_sasl else {}
         if not self.formatted:
             cluster_id = self._cluster_id or state_cluster_id(state) or random_cluster_id()
-            self._format(java, libs, cluster_id, timeout_s)
+            self._format(java, libs, cluster_id, timeout_s, scram_users)
             state["cluster_id"] = cluster_id
+            state["scram_users_sha256"] = _credentials_digest(scram_users)
+        elif scram_users and state.get("scram_users_sha256") != _credentials_digest(scram_users):
+            log.warning(
+                "%s was formatted without these SASL users, so SCRAM logins of %s will fail "
+                "(PLAIN works); SCRAM users are only set when a data dir is first formatted",
+                self.data_dir,
+                ", ".join(sorted(scram_users)),
+            )
         state.update(
             {
                 "kafka_version": KAFKA_VERSION,
                 "node_id": self.node_id,
                 "port": self.port,
                 "controller_port": self.controller_port,
+                "sasl_port": self.sasl_port,
+                "ssl_port": self.ssl_port,
+                "sasl_ssl_port": self.sasl_ssl_port,
                 "host": self.host,
             }
         )
@@ -630,6 +922,9 @@ class LocalKafka:
             # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only
             # safe from the main thread; elsewhere the atexit hook below has to do.
             preexec = _die_with_parent_hook(os.getpid())
+        self._log_offsets = {
+            path: _file_size(path) for path in (self.log_path, self.console_log_path)
+        }
         console = self.console_log_path.open("ab")
         try:
             console.write(f"\n=== devkafka: starting {' '.join(cmd)}\n".encode())
@@ -730,12 +1025,24 @@ class LocalKafka:
     def properties(self) -> dict[str, str]:
         """The ``server.properties`` entries this node runs with."""
         host, cport = self.host, self.controller_port
+        # Client listeners are named after their security protocol.
+        client = [("PLAINTEXT", self.port)] + [
+            (name, port)
+            for name, port in (
+                ("SASL_PLAINTEXT", self.sasl_port),
+                ("SSL", self.ssl_port),
+                ("SASL_SSL", self.sasl_ssl_port),
+            )
+            if port is not None
+        ]
+        advertised = ",".join(f"{name}://{host}:{port}" for name, port in client)
+        protocols = ",".join(f"{name}:{name}" for name, _ in client)
         props = {
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
-            "listeners": f"PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{cport}",
-            "advertised.listeners": f"PLAINTEXT://{host}:{self.port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listeners": f"{advertised},CONTROLLER://{host}:{cport}",
+            "advertised.listeners": advertised,
+            "listener.security.protocol.map": f"{protocols},CONTROLLER:PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.log_dir),
@@ -765,12 +1072,51 @@ class LocalKafka:
             props["controller.quorum.voters"] = self._static_voters
         else:
             props["controller.quorum.bootstrap.servers"] = f"{host}:{cport}"
+        if self._uses_sasl:
+            props["sasl.enabled.mechanisms"] = ",".join(SASL_MECHANISMS)
+        for name, port in client:
+            if port is not None and name.startswith("SASL"):
+                props.update(self._sasl_properties(name.lower()))
+            if port is not None and name.endswith("SSL"):
+                props.update(self._ssl_properties(name.lower()))
         props.update(self.extra_properties)
         return props
 
+    def _sasl_properties(self, listener: str) -> dict[str, str]:
+        """SASL server settings of listener ``listener`` (lower case, as Kafka wants it)."""
+        prefix = f"listener.name.{listener}."
+        plain_users = " ".join(
+            f'user_{name}="{password}"' for name, password in self.sasl_users.items()
+        )
+        props = {
+            prefix + "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+            prefix + "plain.sasl.jaas.config": (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};"
+            ),
+        }
+        for mechanism in SASL_MECHANISMS:
+            if mechanism.startswith("SCRAM"):
+                props[prefix + f"{mechanism.lower()}.sasl.jaas.config"] = (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                )
+        return props
+
+    def _ssl_properties(self, listener: str) -> dict[str, str]:
+        """TLS server settings of listener ``listener``: inline PEM key, chain and CA."""
+        prefix = f"listener.name.{listener}."
+        chain = (self.tls_dir / "broker.pem").read_text() + self.ssl_cafile.read_text()
+        return {
+            prefix + "ssl.keystore.type": "PEM",
+            prefix + "ssl.keystore.certificate.chain": chain,
+            prefix + "ssl.keystore.key": (self.tls_dir / "broker.key").read_text(),
+            prefix + "ssl.truststore.type": "PEM",
+            prefix + "ssl.truststore.certificates": self.ssl_cafile.read_text(),
+            prefix + "ssl.client.auth": self.ssl_client_auth,
+        }
+
     def _write_configs(self) -> None:
         lines = [f"# Generated by devkafka (Kafka {KAFKA_VERSION}) on every start; edits are lost."]
-        lines += [f"{key}={value}" for key, value in self.properties().items()]
+        lines += [f"{key}={_escape_property(value)}" for key, value in self.properties().items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         log_file = self.log_path
         log4j = f"""\
@@ -812,7 +1158,14 @@ logger.request.level = WARN
             *self.jvm_args,
         ]
 
-    def _format(self, java: str, libs: Path, cluster_id: str, timeout_s: float) -> None:
+    def _format(
+        self,
+        java: str,
+        libs: Path,
+        cluster_id: str,
+        timeout_s: float,
+        scram_users: Mapping[str, str],
+    ) -> None:
         cmd = [
             java,
             "-Xmx256m",
@@ -830,6 +1183,10 @@ logger.request.level = WARN
         ]
         if self._static_voters is None:
             cmd.append("--standalone")
+        for mechanism in SASL_MECHANISMS:
+            if mechanism.startswith("SCRAM"):
+                for name, password in scram_users.items():
+                    cmd += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         log.info("formatting KRaft storage in %s (cluster id %s)", self.log_dir, cluster_id)
         try:
             proc = subprocess.run(
@@ -855,10 +1212,12 @@ logger.request.level = WARN
     def _log_tails(self) -> str:
         parts = []
         for path in (self.log_path, self.console_log_path):
-            tail = _tail(path)
+            tail = _tail(path, start=self._log_offsets.get(path, 0))
             if tail:
                 parts.append(f"--- last lines of {path} ---\n{tail}")
-        return "\n".join(parts) if parts else "(no broker log written)"
+        if not parts:
+            return f"(nothing logged; see {self.log_path} and {self.console_log_path})"
+        return "\n".join(parts)
 
 
 def state_cluster_id(state: Mapping[str, Any]) -> str | None:
