@@ -70,6 +70,7 @@ class DurablePublisher:
         self._wakeup = asyncio.Event()
         self._kafka_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._checks: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -91,9 +92,10 @@ class DurablePublisher:
 
     async def stop(self, *, timeout_s: float = 30.0) -> None:
         """Stop draining, flush the producer, close the spool (what is left stays there)."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._checks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         kafka, self._kafka = self._kafka, None
         if kafka is not None:
             await kafka.stop(timeout_s=timeout_s)
@@ -170,7 +172,9 @@ class DurablePublisher:
         self._failures += 1
         fatal = isinstance(kafka, RdKafkaPublisher) and kafka.fatal_error is not None
         if fatal or self._failures >= _WEDGED_AFTER_FAILURES:
-            asyncio.get_running_loop().create_task(self._maybe_rebuild(kafka, fatal=fatal))
+            task = asyncio.create_task(self._maybe_rebuild(kafka, fatal=fatal))
+            self._checks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._checks.discard)
 
     async def _maybe_rebuild(self, kafka: Publisher, *, fatal: bool) -> None:
         """Rebuild a producer that fails while its broker answers (a wedged idempotent producer).

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from devkafka.broker import LocalKafka, free_port
-from tests.fixtures.bridge import RunningBridge, StartBridge
+from tests.fixtures.bridge import RunningBridge, StartBridge, metric
 from tests.fixtures.kafka import consume
 from tests.fixtures.samples import DOCUMENTED_SAMPLE
 
@@ -142,17 +142,6 @@ async def post(url: str, body: bytes) -> tuple[int, bytes]:
 async def get_json(url: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return response.status, await response.json()
-
-
-async def metric(bridge: RunningBridge, name: str) -> float:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(bridge.base_url + "/metrics") as response,
-    ):
-        for line in (await response.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"metric {name} not exported")
 
 
 async def assert_published(bridge: RunningBridge, broker: LocalKafka) -> None:

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from devkafka.broker import LocalKafka, free_port
-from tests.fixtures.bridge import RunningBridge
+from tests.fixtures.bridge import RunningBridge, metric
 from tests.fixtures.kafka import consume
 from tests.fixtures.samples import login_body
 
@@ -41,17 +41,6 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[i
     async with session.post(url, data=body) as response:
         payload = await response.json()
         return response.status, time.monotonic() - started, (payload, dict(response.headers))
-
-
-async def metric(bridge: RunningBridge, name: str) -> float:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(bridge.base_url + "/metrics") as response,
-    ):
-        for line in (await response.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"metric {name} not exported")
 
 
 async def wait_for_metric(
