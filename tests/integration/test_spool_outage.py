@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -162,4 +163,27 @@ async def test_full_spool_answers_503_with_retry_after_and_recovers_by_itself(
         await asyncio.to_thread(own_broker.start)
         await wait_for_metric(bridge, "wifi_bridge_spool_records", 0.0)
         status, _, _ = await post(session, bridge.webhook_url, big)
+        assert status == 200
+
+
+async def test_unwritable_spool_answers_503_keeps_running_and_recovers_by_itself(
+    spawn_bridge: Spawn,
+) -> None:
+    bridge = await spawn_bridge(
+        kafka=False, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", BRIDGE_ACK_TIMEOUT_MS="300"
+    )
+    assert bridge.spool_dir is not None
+    async with aiohttp.ClientSession() as session:
+        status, _, _ = await post(session, bridge.webhook_url, login_body())
+        assert status == 200
+        shutil.rmtree(bridge.spool_dir)  # the volume went away under the bridge
+        status, _, (payload, headers) = await post(session, bridge.webhook_url, login_body())
+        assert (status, payload["error"]) == (503, "spool_unavailable")
+        assert headers["Retry-After"].isdigit()
+        assert headers["wifiWebhookListener"] == "1"
+        assert bridge.process is not None
+        assert bridge.process.poll() is None
+
+        bridge.spool_dir.mkdir()  # the volume is back
+        status, _, _ = await post(session, bridge.webhook_url, login_body())
         assert status == 200
