@@ -90,8 +90,13 @@ class DurablePublisher:
             asyncio.create_task(self._drain_loop(), name="spool-drain"),
         ]
 
-    async def stop(self, *, timeout_s: float = 30.0) -> None:
-        """Stop draining, flush the producer, close the spool (what is left stays there)."""
+    async def stop(self, *, timeout_s: float = 5.0) -> None:
+        """Stop draining, flush the producer, close the spool (what is left stays there).
+
+        Every answered request is already in Kafka or in the spool, so the flush is bounded by
+        ``timeout_s`` (default 5): what the producer still holds then belongs to requests that
+        timed out and were spooled.
+        """
         tasks = [*self._tasks, *self._checks]
         for task in tasks:
             task.cancel()
