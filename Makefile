@@ -44,6 +44,8 @@ run: kafka-up
 		$(BIN)/wifi-bridge serve
 
 bench: install
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } \
+		|| { echo "make bench needs wrk: apt-get install wrk"; exit 2; }
 	$(BIN)/python -m bench
 
 clean: kafka-down
