@@ -327,7 +327,7 @@ class ReorderBuffer(Generic[T]):
     """Releases one partition's items in event-time order once the watermark passes them.
 
     Watermark (epoch ms) = max(largest event time added, largest ``advance()`` wall-clock time)
-    minus ``lateness_ms`` (default 5 min). An item is released when its ``event_ms`` is at or
+    minus ``lateness_ms`` (default 2 min). An item is released when its ``event_ms`` is at or
     below the watermark: an item exactly ``lateness_ms`` older than the newest is released, one
     a millisecond younger is held. Releases come out ordered by (event_ms, arrival order).
 
