@@ -110,16 +110,20 @@ class DurablePublisher:
         self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
     ) -> None:
         kafka = self._kafka
+        reason = "backlog" if self._backlog else "not_connected"
         if kafka is not None and not self._backlog:
             try:
                 await kafka.publish(
                     topic, key=key, value=value, headers=headers, timeout_s=timeout_s
                 )
             except PublishError as exc:
+                reason = str(exc)
                 self._note_failure(kafka, exc)
             else:
                 self._failures = 0
                 return
+        if not self._backlog:
+            log.warning("spooling records until Kafka takes them again", extra={"reason": reason})
         record = SpoolRecord(
             topic=topic,
             key=key,

@@ -352,4 +352,17 @@ async def test_sigterm_during_load_loses_no_acknowledged_request(
     records = await consume(kafka_bootstrap, bridge.topic_raw, count=len(acknowledged), settle_s=1)
     landed = {headers_of(r)["event-id"] for r in records}
     missing = set(acknowledged) - landed
-    assert not missing, f"{len(missing)} acknowledged requests are not in Kafka"
+    if missing:
+        # Acknowledged from the spool (Kafka was slower than the ack budget): still safe, as a
+        # bridge started on the same spool must prove by delivering them.
+        from bridge.spool import read_stats
+
+        assert bridge.spool_dir is not None
+        assert read_stats(bridge.spool_dir).records >= len(missing), bridge.logs()
+        successor = await spawn_bridge(spool_dir=str(bridge.spool_dir), topic_raw=bridge.topic_raw)
+        assert successor.process is not None
+        records = await consume(
+            kafka_bootstrap, bridge.topic_raw, count=len(acknowledged), settle_s=1
+        )
+        missing -= {headers_of(r)["event-id"] for r in records}
+    assert not missing, f"{len(missing)} acknowledged requests are lost:\n{bridge.logs()}"
