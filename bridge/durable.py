@@ -110,7 +110,7 @@ class DurablePublisher:
         self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
     ) -> None:
         kafka = self._kafka
-        reason = "backlog" if self._backlog else "not_connected"
+        reason = "not_connected"
         if kafka is not None and not self._backlog:
             try:
                 await kafka.publish(

@@ -70,7 +70,7 @@ class BridgeMetrics:
         self._request_children: dict[tuple[str, str], Any] = {}
         self.kafka_ready = Gauge(
             "wifi_bridge_kafka_ready",
-            "1 when the last readiness probe reached Kafka, else 0",
+            "1 when the producer was connected to Kafka at the last readiness probe, else 0",
             registry=r,
         )
         self.spooled_records = Counter(

@@ -76,7 +76,7 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
     Option(
         "BRIDGE_ACK_TIMEOUT_MS",
         "5000",
-        "how long a request waits for Kafka's acknowledgement before it is answered 503",
+        "how long a request waits for Kafka's acknowledgement before its record is spooled",
     ),
     Option(
         "BRIDGE_SPOOL_DIR",

@@ -207,8 +207,8 @@ class Receiver:
             if now - state.last_ready_check_s > _READY_CACHE_S:
                 state.last_ready = await self.publisher.ping(timeout_s=2.0)
                 state.last_ready_check_s = time.monotonic()
-                self.metrics.kafka_ready.set(1 if state.last_ready else 0)
         kafka = self.publisher.connected
+        self.metrics.kafka_ready.set(1 if kafka else 0)
         if not state.last_ready:
             return _json(503, {"status": "unavailable", "kafka": kafka}, listener=False)
         return _json(200, {"status": "ready", "kafka": kafka}, listener=False)
