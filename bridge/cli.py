@@ -13,10 +13,12 @@ from bridge import __version__, config, logs
 from bridge.config import Option
 from bridge.errors import ConfigError, WifiBridgeError
 from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings, KafkaSettings
+from consumers.pipeline.settings import PIPELINE_OPTIONS, PipelineSettings
 
 SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
     ("Kafka (every service)", KAFKA_OPTIONS),
     ("Receiver (`wifi-bridge serve`)", BRIDGE_OPTIONS),
+    ("Pipeline (`wifi-bridge pipeline`)", PIPELINE_OPTIONS),
 )
 
 
@@ -67,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("directory", type=Path)
     config.add_options(drain, "Kafka", KAFKA_OPTIONS)
 
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="normalise, dedup, reorder and group raw logins into visits (exactly once)",
+        description="Read the raw topic in a consumer group and write clean records to the "
+        "visits, late and dead-letter topics inside Kafka transactions. Every flag mirrors the "
+        "environment variable named in its help.",
+    )
+    config.add_options(pipeline, "Kafka", KAFKA_OPTIONS)
+    config.add_options(pipeline, "pipeline", PIPELINE_OPTIONS)
+
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
 
@@ -78,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "spool":
         return _spool(args)
+    if args.command == "pipeline":
+        return _pipeline(args)
     try:
         settings = BridgeSettings.load(args, os.environ)
     except ConfigError as exc:
@@ -94,6 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. the port is taken
         print(f"wifi-bridge: cannot serve: {exc}", file=sys.stderr)
         return 1
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    try:
+        settings = PipelineSettings.load(args, os.environ)
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level=settings.log_level, log_format=settings.log_format)
+    from consumers.pipeline.service import run
+
+    return run(settings)
 
 
 def _spool(args: argparse.Namespace) -> int:

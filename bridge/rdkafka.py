@@ -28,13 +28,20 @@ log = logging.getLogger(__name__)
 
 def producer_config(settings: KafkaSettings, *, linger_ms: int) -> dict[str, Any]:
     """librdkafka settings: idempotent, acks=all, murmur2, and the project's security options."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "client.id": settings.client_id,
+    return {
+        **client_config(settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": linger_ms,
         "partitioner": "murmur2_random",
+    }
+
+
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
+    """librdkafka settings every client of this project takes: servers and security."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
         "security.protocol": settings.security_protocol.lower(),
     }
     if settings.security_protocol.startswith("SASL"):

@@ -1,10 +1,11 @@
 """The pipeline's stateful core: exact dedup, visit windows and a bounded reorder buffer.
 
 Nothing here talks to Kafka, reads a clock or touches the disk. Every method takes its time as
-integer epoch milliseconds and every component keeps its state in memory, serialisable with
-``to_bytes()`` / ``from_bytes()`` so the service can keep it in a compacted changelog topic and
-restore it when a partition is assigned. Configuration (windows, bounds) is not part of the
-serialised state: it comes from the settings each time a component is built or restored.
+integer epoch milliseconds and every component keeps its state in memory. Each exposes what a
+changelog needs to persist it entry by entry and a ``restore()`` that rebuilds it from those
+entries (:mod:`consumers.pipeline.changelog` holds the encoding). Configuration (windows,
+bounds) is not part of the state: it comes from the settings each time a component is built or
+restored.
 
 Clocks: each component keeps its own monotonic clock, the largest time it has been given. A time
 that goes backwards never un-expires anything; it is handled as an out-of-order input.
@@ -12,18 +13,13 @@ that goes backwards never un-expires anything; it is handled as an out-of-order 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import heapq
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import orjson
-
-from bridge.errors import WifiBridgeError
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -36,15 +32,7 @@ DEFAULT_LATENESS_MS = 2 * MINUTE_MS
 """The sender's normal delay is seconds, up to a minute or two under load."""
 DEFAULT_MAX_BUFFERED = 10_000
 
-_STATE_VERSION = 1
-
 T = TypeVar("T")
-
-
-class CorruptState(WifiBridgeError, ValueError):
-    """Serialised window state cannot be read back (wrong kind, version or shape)."""
-
-    code = "corrupt_state"
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +63,27 @@ class Deduplicator:
     def __len__(self) -> int:
         return len(self._seen)
 
+    @property
+    def clock_ms(self) -> int | None:
+        """The largest time given so far; a new id is recorded at this time."""
+        return self._clock_ms
+
+    @classmethod
+    def restore(
+        cls,
+        seen: Iterable[tuple[str, int]],
+        *,
+        clock_ms: int | None,
+        window_ms: int = DEFAULT_DEDUP_WINDOW_MS,
+    ) -> Deduplicator:
+        """Rebuild from (event id, first-seen ms) entries, as kept in the changelog."""
+        dedup = cls(window_ms=window_ms)
+        dedup._seen = dict(sorted(seen, key=lambda pair: pair[1]))  # expiry needs age order
+        times = [t for t in (clock_ms, *dedup._seen.values()) if t is not None]
+        if times:
+            dedup._advance(max(times))
+        return dedup
+
     def check(self, event_id: str, now_ms: int) -> bool:
         """Return True if ``event_id`` is new within the window (emit it), False if a repeat."""
         clock_ms = self._advance(now_ms)
@@ -100,29 +109,6 @@ class Deduplicator:
                 break
             del seen[oldest]
         return clock_ms
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "v": _STATE_VERSION,
-                "kind": "dedup",
-                "clock_ms": self._clock_ms,
-                "seen": list(self._seen.items()),
-            }
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, window_ms: int = DEFAULT_DEDUP_WINDOW_MS) -> Deduplicator:
-        dedup = cls(window_ms=window_ms)
-        with _reading("dedup"):
-            state = _load(data, "dedup")
-            dedup._clock_ms = _opt_int(state["clock_ms"])
-            pairs = [(_str(p[0]), _int(p[1])) for p in _list(state["seen"])]
-            pairs.sort(key=lambda pair: pair[1])  # expiry relies on insertion order = age
-            dedup._seen = dict(pairs)
-        if dedup._clock_ms is not None:
-            dedup._advance(dedup._clock_ms)  # a shorter configured window applies at once
-        return dedup
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +183,34 @@ class VisitTracker:
         """Number of visits held in state."""
         return sum(len(spans) for spans in self._visits.values())
 
+    @property
+    def clock_ms(self) -> int | None:
+        return self._clock_ms
+
+    def spans(self, user_id: str, venue_id: str) -> list[Visit]:
+        """The visits held for one (user, venue), oldest first (``is_new`` is False)."""
+        return [_visit(span, is_new=False) for span in self._visits.get((user_id, venue_id), [])]
+
+    @classmethod
+    def restore(
+        cls,
+        visits: Iterable[tuple[str, str, Iterable[Visit]]],
+        *,
+        clock_ms: int | None,
+        gap_ms: int = DEFAULT_VISIT_GAP_MS,
+        retention_ms: int = DEFAULT_VISIT_RETENTION_MS,
+    ) -> VisitTracker:
+        """Rebuild from (user, venue, visits) entries, as :meth:`spans` gave them."""
+        tracker = cls(gap_ms=gap_ms, retention_ms=retention_ms)
+        tracker._clock_ms = clock_ms
+        for user_id, venue_id, held in visits:
+            spans = [
+                _Span(v.visit_id, v.first_login_ms, v.last_login_ms, v.login_count) for v in held
+            ]
+            spans.sort(key=lambda span: span.first_login_ms)
+            tracker._store((user_id, venue_id), spans)
+        return tracker
+
     def assign(self, user_id: str, venue_id: str, login_ms: int) -> Visit:
         """Assign one login to a visit and return the visit as updated by it."""
         clock_ms = self._tick(login_ms)
@@ -243,41 +257,6 @@ class VisitTracker:
         else:
             self._visits.pop(key, None)
 
-    def to_bytes(self) -> bytes:
-        visits = [
-            [
-                user_id,
-                venue_id,
-                [[s.visit_id, s.first_login_ms, s.last_login_ms, s.login_count] for s in spans],
-            ]
-            for (user_id, venue_id), spans in self._visits.items()
-        ]
-        return orjson.dumps(
-            {"v": _STATE_VERSION, "kind": "visits", "clock_ms": self._clock_ms, "visits": visits}
-        )
-
-    @classmethod
-    def from_bytes(
-        cls,
-        data: bytes,
-        *,
-        gap_ms: int = DEFAULT_VISIT_GAP_MS,
-        retention_ms: int = DEFAULT_VISIT_RETENTION_MS,
-    ) -> VisitTracker:
-        tracker = cls(gap_ms=gap_ms, retention_ms=retention_ms)
-        with _reading("visits"):
-            state = _load(data, "visits")
-            tracker._clock_ms = _opt_int(state["clock_ms"])
-            for entry in _list(state["visits"]):
-                user_id, venue_id, raw_spans = _list(entry)
-                spans = [
-                    _Span(_str(s[0]), _int(s[1]), _int(s[2]), _int(s[3]))
-                    for s in map(_list, _list(raw_spans))
-                ]
-                spans.sort(key=lambda span: span.first_login_ms)
-                tracker._store((_str(user_id), _str(venue_id)), spans)
-        return tracker
-
 
 def _visit(span: _Span, *, is_new: bool) -> Visit:
     return Visit(
@@ -293,24 +272,6 @@ def _visit(span: _Span, *, is_new: bool) -> Visit:
 # Reordering
 
 
-class ItemCodec(Protocol[T]):
-    """Turns a buffered item into bytes for the changelog and back."""
-
-    def encode(self, item: T, /) -> bytes: ...
-
-    def decode(self, data: bytes, /) -> T: ...
-
-
-class BytesCodec:
-    """The identity codec, for buffers that hold raw record bytes."""
-
-    def encode(self, item: bytes, /) -> bytes:
-        return item
-
-    def decode(self, data: bytes, /) -> bytes:
-        return data
-
-
 @dataclass(frozen=True, slots=True)
 class Added:
     """Outcome of :meth:`ReorderBuffer.add`.
@@ -321,6 +282,8 @@ class Added:
 
     late: bool
     buffered: int
+    seq: int | None = None
+    """The item's place in arrival order (None when late): ``(event_ms, seq)`` orders items."""
 
 
 class ReorderBuffer(Generic[T]):
@@ -351,7 +314,7 @@ class ReorderBuffer(Generic[T]):
     __slots__ = (
         "_heap",
         "_max_event_ms",
-        "_released_through_ms",
+        "_released_through",
         "_seq",
         "_wall_ms",
         "lateness_ms",
@@ -370,7 +333,7 @@ class ReorderBuffer(Generic[T]):
         self._seq = 0
         self._max_event_ms: int | None = None
         self._wall_ms: int | None = None
-        self._released_through_ms: int | None = None
+        self._released_through: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -380,6 +343,54 @@ class ReorderBuffer(Generic[T]):
         return len(self._heap) >= self.max_buffered
 
     @property
+    def released_through(self) -> tuple[int, int] | None:
+        """``(event_ms, seq)`` of the last item released: every item at or before it is out."""
+        return self._released_through
+
+    @property
+    def next_seq(self) -> int:
+        return self._seq
+
+    @property
+    def max_event_ms(self) -> int | None:
+        return self._max_event_ms
+
+    @property
+    def wall_ms(self) -> int | None:
+        return self._wall_ms
+
+    @classmethod
+    def restore(
+        cls,
+        items: Iterable[tuple[int, int, T]],
+        *,
+        next_seq: int,
+        max_event_ms: int | None,
+        wall_ms: int | None,
+        released_through: tuple[int, int] | None,
+        lateness_ms: int = DEFAULT_LATENESS_MS,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+    ) -> ReorderBuffer[T]:
+        """Rebuild from ``(event_ms, seq, item)`` entries and the buffer's meta values.
+
+        Entries at or before ``released_through`` were released already and are skipped, so
+        the caller may pass every item it ever recorded.
+        """
+        buffer: ReorderBuffer[T] = cls(lateness_ms=lateness_ms, max_buffered=max_buffered)
+        buffer._seq = next_seq
+        buffer._max_event_ms = max_event_ms
+        buffer._wall_ms = wall_ms
+        buffer._released_through = released_through
+        heap = [
+            entry
+            for entry in items
+            if released_through is None or (entry[0], entry[1]) > released_through
+        ]
+        heapq.heapify(heap)
+        buffer._heap = heap
+        return buffer
+
+    @property
     def watermark_ms(self) -> int | None:
         """Items at or below this event time are due; None before any time was seen."""
         times = [t for t in (self._max_event_ms, self._wall_ms) if t is not None]
@@ -387,73 +398,37 @@ class ReorderBuffer(Generic[T]):
 
     def add(self, item: T, event_ms: int) -> Added:
         """Buffer ``item`` unless it is late (see the class docstring)."""
-        if self._released_through_ms is not None and event_ms < self._released_through_ms:
+        if self._released_through is not None and event_ms < self._released_through[0]:
             return Added(late=True, buffered=len(self._heap))
-        heapq.heappush(self._heap, (event_ms, self._seq, item))
+        seq = self._seq
+        heapq.heappush(self._heap, (event_ms, seq, item))
         self._seq += 1
         if self._max_event_ms is None or event_ms > self._max_event_ms:
             self._max_event_ms = event_ms
-        return Added(late=False, buffered=len(self._heap))
+        return Added(late=False, buffered=len(self._heap), seq=seq)
 
     def advance(self, now_ms: int) -> None:
         """Move the watermark by wall clock; only while the partition is caught up."""
         if self._wall_ms is None or now_ms > self._wall_ms:
             self._wall_ms = now_ms
 
-    def release(self) -> list[T]:
-        """Pop every due item, then the oldest ones while the buffer is full, in order."""
+    def release(self, *, early: bool = True) -> list[T]:
+        """Pop every due item, then (``early``) the oldest ones while the buffer is full.
+
+        With ``early=False`` a full buffer stays full: the caller pauses its input instead and
+        releases early later, if the watermark has not made room by then.
+        """
         watermark_ms = self.watermark_ms
         heap = self._heap
+        limit = self.max_buffered if early else len(heap) + 1
         released: list[T] = []
         while heap and (
-            (watermark_ms is not None and heap[0][0] <= watermark_ms)
-            or len(heap) >= self.max_buffered
+            (watermark_ms is not None and heap[0][0] <= watermark_ms) or len(heap) >= limit
         ):
-            event_ms, _, item = heapq.heappop(heap)
+            event_ms, seq, item = heapq.heappop(heap)
             released.append(item)
-            self._released_through_ms = event_ms  # pops are in order: this only grows
+            self._released_through = (event_ms, seq)  # pops are in order: this only grows
         return released
-
-    def to_bytes(self, codec: ItemCodec[T]) -> bytes:
-        items = [
-            [event_ms, seq, base64.b64encode(codec.encode(item)).decode("ascii")]
-            for event_ms, seq, item in self._heap
-        ]
-        return orjson.dumps(
-            {
-                "v": _STATE_VERSION,
-                "kind": "reorder",
-                "seq": self._seq,
-                "max_event_ms": self._max_event_ms,
-                "wall_ms": self._wall_ms,
-                "released_through_ms": self._released_through_ms,
-                "items": items,
-            }
-        )
-
-    @classmethod
-    def from_bytes(
-        cls,
-        data: bytes,
-        codec: ItemCodec[T],
-        *,
-        lateness_ms: int = DEFAULT_LATENESS_MS,
-        max_buffered: int = DEFAULT_MAX_BUFFERED,
-    ) -> ReorderBuffer[T]:
-        buffer: ReorderBuffer[T] = cls(lateness_ms=lateness_ms, max_buffered=max_buffered)
-        with _reading("reorder"):
-            state = _load(data, "reorder")
-            buffer._seq = _int(state["seq"])
-            buffer._max_event_ms = _opt_int(state["max_event_ms"])
-            buffer._wall_ms = _opt_int(state["wall_ms"])
-            buffer._released_through_ms = _opt_int(state["released_through_ms"])
-            heap = [
-                (_int(e[0]), _int(e[1]), codec.decode(base64.b64decode(_str(e[2]), validate=True)))
-                for e in map(_list, _list(state["items"]))
-            ]
-            heapq.heapify(heap)
-            buffer._heap = heap
-        return buffer
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,48 +438,3 @@ class ReorderBuffer(Generic[T]):
 def _require_positive(name: str, value: int) -> None:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
-
-
-@contextmanager
-def _reading(kind: str) -> Iterator[None]:
-    """Turn any shape error while reading state into :class:`CorruptState`."""
-    try:
-        yield
-    except CorruptState:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, binascii.Error) as exc:
-        raise CorruptState(f"unreadable {kind} state: {exc}") from exc
-
-
-def _load(data: bytes, kind: str) -> dict[str, Any]:
-    state = orjson.loads(data)
-    if not isinstance(state, dict):
-        raise TypeError("state is not a JSON object")
-    if state.get("kind") != kind or state.get("v") != _STATE_VERSION:
-        raise CorruptState(
-            f"expected {kind} state v{_STATE_VERSION}, got {state.get('kind')!r} "
-            f"v{state.get('v')!r}"
-        )
-    return state
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return value
-
-
-def _opt_int(value: object) -> int | None:
-    return None if value is None else _int(value)
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {value!r}")
-    return value
-
-
-def _list(value: object) -> list[Any]:
-    if not isinstance(value, list):
-        raise TypeError(f"expected a list, got {value!r}")
-    return value

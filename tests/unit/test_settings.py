@@ -8,6 +8,7 @@ import pytest
 from bridge.cli import build_parser, main, settings_markdown
 from bridge.errors import ConfigError
 from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings
+from consumers.pipeline.settings import PIPELINE_OPTIONS, PipelineSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +66,31 @@ def test_cli_reports_a_configuration_error_and_exits_2(
 
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
-    for option in KAFKA_OPTIONS + BRIDGE_OPTIONS:
+    for option in KAFKA_OPTIONS + BRIDGE_OPTIONS + PIPELINE_OPTIONS:
         assert re.search(rf"`{option.env}`", readme), f"{option.env} missing from README"
     assert settings_markdown().strip() in readme
+
+
+def test_pipeline_defaults_follow_the_issue_and_name_the_changelog_after_the_group() -> None:
+    settings = PipelineSettings.load(None, {"PIPELINE_INSTANCE_ID": "p-0"})
+    assert settings.group_id == "wifi-pipeline"
+    assert settings.topic_changelog == "wifi-pipeline-changelog"
+    assert settings.transactional_id == "wifi-pipeline-p-0"
+    assert settings.windows.dedup_window_ms == 24 * 3600 * 1000
+    assert settings.windows.lateness_ms == 120_000
+    assert settings.windows.visit_gap_ms == 30 * 60 * 1000
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"PIPELINE_LATENESS_S": "-1"}, "PIPELINE_LATENESS_S"),
+        ({"PIPELINE_DEDUP_WINDOW_S": "a day"}, "PIPELINE_DEDUP_WINDOW_S"),
+        ({"PIPELINE_VISIT_GAP_S": "100000"}, "PIPELINE_VISIT_RETENTION_S"),
+        ({"PIPELINE_COMMIT_INTERVAL_MS": "0"}, "PIPELINE_COMMIT_INTERVAL_MS"),
+        ({"PIPELINE_LOG_LEVEL": "LOUD"}, "PIPELINE_LOG_LEVEL"),
+    ],
+)
+def test_bad_pipeline_setting_error_names_the_setting(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        PipelineSettings.load(None, env)

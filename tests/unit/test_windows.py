@@ -3,14 +3,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-import orjson
 import pytest
 
 from consumers.pipeline.windows import (
     HOUR_MS,
     MINUTE_MS,
-    BytesCodec,
-    CorruptState,
     Deduplicator,
     ReorderBuffer,
     VisitTracker,
@@ -18,7 +15,6 @@ from consumers.pipeline.windows import (
 )
 
 T0 = 1_700_000_000_000  # an epoch-ms instant in 2023
-CODEC = BytesCodec()
 
 # --------------------------------------------------------------------------------------------
 # Deduplicator
@@ -64,23 +60,19 @@ def test_clock_going_backwards_neither_readmits_nor_unexpires() -> None:
     assert dedup.check("old", T0 + 6_000)
 
 
-def test_dedup_state_round_trip_keeps_ids_and_their_expiry() -> None:
-    dedup = Deduplicator(window_ms=1_000)
-    dedup.check("a", T0)
-    dedup.check("b", T0 + 500)
-    restored = Deduplicator.from_bytes(dedup.to_bytes(), window_ms=1_000)
+def test_restored_dedup_keeps_ids_and_their_expiry() -> None:
+    seen = [("b", T0 + 500), ("a", T0)]  # any order: expiry goes by first-seen time
+    restored = Deduplicator.restore(seen, clock_ms=T0 + 500, window_ms=1_000)
     assert len(restored) == 2
+    assert restored.clock_ms == T0 + 500
     assert not restored.check("a", T0 + 999)
     assert restored.check("a", T0 + 1_000)
     assert not restored.check("b", T0 + 1_499)
-    assert restored.to_bytes() == Deduplicator.from_bytes(restored.to_bytes()).to_bytes()
 
 
 def test_restoring_with_a_shorter_window_expires_at_once() -> None:
-    dedup = Deduplicator(window_ms=10_000)
-    dedup.check("a", T0)
-    dedup.check("b", T0 + 5_000)
-    restored = Deduplicator.from_bytes(dedup.to_bytes(), window_ms=1_000)
+    seen = [("a", T0), ("b", T0 + 5_000)]
+    restored = Deduplicator.restore(seen, clock_ms=T0 + 5_000, window_ms=1_000)
     assert len(restored) == 1
     assert restored.check("a", T0 + 5_000)
 
@@ -192,7 +184,7 @@ def test_finished_visits_expire_and_their_state_is_dropped() -> None:
     assert tracker.expire(T0 + HOUR_MS - 1) == 0
     assert tracker.expire(T0 + HOUR_MS) == 100
     assert len(tracker) == 0
-    assert orjson.loads(tracker.to_bytes())["visits"] == []
+    assert tracker.spans("u1", "v1") == []
 
 
 def test_old_visits_of_a_key_are_pruned_when_the_key_is_seen_again() -> None:
@@ -219,10 +211,14 @@ def test_visit_state_round_trip_mid_stream_gives_the_same_visits() -> None:
     ]
     tracker = VisitTracker(gap_ms=20 * MINUTE_MS, retention_ms=2 * HOUR_MS)
     expected = [tracker.assign(*login) for login in logins]
-    resumed = VisitTracker(gap_ms=20 * MINUTE_MS, retention_ms=2 * HOUR_MS)
-    got = [resumed.assign(*login) for login in logins[:150]]
-    resumed = VisitTracker.from_bytes(
-        resumed.to_bytes(), gap_ms=20 * MINUTE_MS, retention_ms=2 * HOUR_MS
+    first = VisitTracker(gap_ms=20 * MINUTE_MS, retention_ms=2 * HOUR_MS)
+    got = [first.assign(*login) for login in logins[:150]]
+    keys = {(user, venue) for user, venue, _ in logins}
+    resumed = VisitTracker.restore(
+        [(user, venue, first.spans(user, venue)) for user, venue in keys],
+        clock_ms=first.clock_ms,
+        gap_ms=20 * MINUTE_MS,
+        retention_ms=2 * HOUR_MS,
     )
     got += [resumed.assign(*login) for login in logins[150:]]
     assert got == expected
@@ -330,7 +326,7 @@ def test_the_buffer_bound_reports_full_and_release_emits_the_oldest_early() -> N
     assert buffer.add(item(T0), T0).late  # older than the early release: late, not dropped
 
 
-def test_reorder_state_round_trip_mid_stream_gives_the_same_output() -> None:
+def test_reorder_restore_mid_stream_gives_the_same_output() -> None:
     rng = random.Random(3)
     ops: list[tuple[str, int]] = []
     for _ in range(200):
@@ -339,32 +335,56 @@ def test_reorder_state_round_trip_mid_stream_gives_the_same_output() -> None:
         else:
             ops.append(("add", T0 + rng.randrange(20_000)))
 
-    def run(buffer: ReorderBuffer[bytes], start: int, stop: int) -> list[tuple[str, bytes]]:
+    def run(
+        buffer: ReorderBuffer[bytes], start: int, stop: int, log: list[tuple[int, int, bytes]]
+    ) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for n in range(start, stop):
             op, t = ops[n]
             if op == "tick":
                 buffer.advance(t)
             else:
-                value = item(t, f"\x00\xff#{n}")  # arbitrary bytes survive the round trip
-                if buffer.add(value, t).late:
+                value = item(t, f"#{n}")
+                added = buffer.add(value, t)
+                if added.late:
                     out.append(("late", value))
+                else:
+                    assert added.seq is not None
+                    log.append((t, added.seq, value))  # what a changelog records
             out += [("out", v) for v in buffer.release()]
         return out
 
     def fresh() -> ReorderBuffer[bytes]:
         return ReorderBuffer(lateness_ms=2_000, max_buffered=50)
 
-    expected = run(fresh(), 0, len(ops))
+    expected = run(fresh(), 0, len(ops), [])
     assert any(kind == "late" for kind, _ in expected)
     for cut in (0, 1, 57, 120, 199, 200):
         first = fresh()
-        got = run(first, 0, cut)
-        second = ReorderBuffer.from_bytes(
-            first.to_bytes(CODEC), CODEC, lateness_ms=2_000, max_buffered=50
+        log: list[tuple[int, int, bytes]] = []
+        got = run(first, 0, cut, log)
+        second: ReorderBuffer[bytes] = ReorderBuffer.restore(
+            log,  # every item ever added: the released ones are skipped
+            next_seq=first.next_seq,
+            max_event_ms=first.max_event_ms,
+            wall_ms=first.wall_ms,
+            released_through=first.released_through,
+            lateness_ms=2_000,
+            max_buffered=50,
         )
-        got += run(second, cut, len(ops))
+        assert len(second) == len(first)
+        got += run(second, cut, len(ops), log)
         assert got == expected
+
+
+def test_a_full_buffer_releases_early_only_when_asked() -> None:
+    buffer: ReorderBuffer[bytes] = ReorderBuffer(lateness_ms=HOUR_MS, max_buffered=2)
+    buffer.add(item(T0 + 2), T0 + 2)
+    buffer.add(item(T0 + 1), T0 + 1)
+    assert buffer.is_full
+    assert buffer.release(early=False) == []
+    assert buffer.is_full
+    assert buffer.release() == [item(T0 + 1)]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -409,7 +429,7 @@ def test_disorder_within_the_lateness_is_never_late(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation and corrupt state
+# Validation
 
 
 @pytest.mark.parametrize(
@@ -424,31 +444,3 @@ def test_disorder_within_the_lateness_is_never_late(seed: int) -> None:
 def test_constructors_refuse_impossible_settings(build: Callable[[], object]) -> None:
     with pytest.raises(ValueError, match="must"):
         build()
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"not json",
-        b"[]",
-        b'{"v": 1, "kind": "other"}',
-        b'{"v": 2, "kind": "reorder"}',
-        b'{"v": 1, "kind": "reorder", "seq": 0}',
-        b'{"v": 1, "kind": "reorder", "seq": "0", "max_event_ms": null, "wall_ms": null,'
-        b' "released_through_ms": null, "items": []}',
-        b'{"v": 1, "kind": "reorder", "seq": 1, "max_event_ms": 1, "wall_ms": null,'
-        b' "released_through_ms": null, "items": [[1, 0, "!!"]]}',
-    ],
-)
-def test_unreadable_reorder_state_is_a_corrupt_state_error(data: bytes) -> None:
-    with pytest.raises(CorruptState):
-        ReorderBuffer.from_bytes(data, CODEC)
-
-
-def test_unreadable_dedup_and_visit_state_is_a_corrupt_state_error() -> None:
-    with pytest.raises(CorruptState):
-        Deduplicator.from_bytes(b'{"v": 1, "kind": "dedup", "clock_ms": 1, "seen": [[1, 2]]}')
-    with pytest.raises(CorruptState):
-        VisitTracker.from_bytes(b'{"v": 1, "kind": "visits", "clock_ms": 1, "visits": [["u"]]}')
-    with pytest.raises(CorruptState):
-        VisitTracker.from_bytes(Deduplicator().to_bytes())

@@ -1,0 +1,341 @@
+"""One input partition's pipeline: normalise, drop redeliveries, reorder, assign visits.
+
+Pure: records and times go in, output records and changelog entries come out; nothing here
+talks to Kafka or reads a clock. The service (:mod:`consumers.pipeline.service`) owns one
+:class:`PartitionPipeline` per assigned partition and writes what it returns inside the same
+Kafka transaction as the input offsets.
+
+Stages, in order:
+
+1. **normalise** the raw body; one that cannot be normalised goes to the dead-letter route with
+   the reason, unchanged.
+2. **dedup** on the event id, with the bridge's receive time as the clock (so a replay decides
+   exactly as the first run did): a redelivery within the dedup window is dropped.
+3. **reorder** by ``authenticationTime``: the record waits in the buffer until the watermark
+   passes it; one older than what was already released goes to the late route at once.
+4. **visits** are assigned as records leave the buffer, that is in event-time order, so
+   ``visit.isNew`` marks the login that opened the visit. A late record gets its visit too.
+
+Changelog: every change of state is also an entry ``(key, value)`` for a compacted topic (see
+:mod:`consumers.pipeline.changelog`); :meth:`PartitionPipeline.take_changes` hands over the
+entries changed since the last call, one per key, the meta entry last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from consumers.pipeline import changelog
+from consumers.pipeline.normalise import NormalisationError, normalise
+from consumers.pipeline.windows import (
+    DEFAULT_DEDUP_WINDOW_MS,
+    DEFAULT_LATENESS_MS,
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_VISIT_GAP_MS,
+    DEFAULT_VISIT_RETENTION_MS,
+    Deduplicator,
+    ReorderBuffer,
+    VisitTracker,
+)
+
+__all__ = ["Output", "PartitionPipeline", "RawRecord", "Route", "WindowConfig"]
+
+_VISIT_EXPIRY_INTERVAL_MS = 60_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+class Route(StrEnum):
+    """Where an output record goes; the service maps each route to a topic."""
+
+    VISITS = "visits"
+    LATE = "late"
+    DLQ = "dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record of the raw topic, as the service read it."""
+
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]]
+    timestamp_ms: int
+    """The Kafka record timestamp: the receive time when the ``received-at`` header is absent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    route: Route
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WindowConfig:
+    """Window sizes and bounds; every time in milliseconds."""
+
+    dedup_window_ms: int = DEFAULT_DEDUP_WINDOW_MS
+    visit_gap_ms: int = DEFAULT_VISIT_GAP_MS
+    visit_retention_ms: int = DEFAULT_VISIT_RETENTION_MS
+    lateness_ms: int = DEFAULT_LATENESS_MS
+    max_buffered: int = DEFAULT_MAX_BUFFERED
+
+
+@dataclass(slots=True)
+class Counts:
+    """What happened since the service last read (and reset) the counts."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    invalid: dict[str, int] = field(default_factory=dict)
+    emitted: int = 0
+    late: int = 0
+    visits_opened: int = 0
+
+    def reset(self) -> None:
+        self.accepted = self.duplicates = self.emitted = self.late = self.visits_opened = 0
+        self.invalid.clear()
+
+
+@dataclass(slots=True)
+class _Item:
+    key: bytes | None
+    record: dict[str, Any]
+
+
+class PartitionPipeline:
+    """The state and stages of one input partition (see the module docstring)."""
+
+    __slots__ = (
+        "_buffer",
+        "_changes",
+        "_dedup",
+        "_last_visit_expiry_ms",
+        "_visits",
+        "config",
+        "counts",
+    )
+
+    def __init__(
+        self,
+        config: WindowConfig,
+        *,
+        dedup: Deduplicator | None = None,
+        visits: VisitTracker | None = None,
+        buffer: ReorderBuffer[_Item] | None = None,
+    ) -> None:
+        self.config = config
+        self._dedup = dedup or Deduplicator(window_ms=config.dedup_window_ms)
+        self._visits = visits or VisitTracker(
+            gap_ms=config.visit_gap_ms, retention_ms=config.visit_retention_ms
+        )
+        self._buffer: ReorderBuffer[_Item] = buffer or ReorderBuffer(
+            lateness_ms=config.lateness_ms, max_buffered=config.max_buffered
+        )
+        self._changes: dict[bytes, bytes | None] = {}
+        self._last_visit_expiry_ms: int | None = None
+        self.counts = Counts()
+
+    # ----------------------------------------------------------------------------------------
+    # Introspection
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def is_full(self) -> bool:
+        return self._buffer.is_full
+
+    @property
+    def watermark_ms(self) -> int | None:
+        return self._buffer.watermark_ms
+
+    @property
+    def dedup_entries(self) -> int:
+        return len(self._dedup)
+
+    # ----------------------------------------------------------------------------------------
+    # Stages
+
+    def accept(self, raw: RawRecord) -> list[Output]:
+        """Take one raw record; returns what it sends out now (dead letter, late, released)."""
+        headers = dict(raw.headers)
+        received_at_ms = _received_at_ms(headers.get("received-at"), raw.timestamp_ms)
+        header_id = headers.get("event-id")
+        try:
+            record = normalise(
+                raw.value,
+                event_id=header_id.decode("ascii", "replace") if header_id else None,
+                received_at_ms=received_at_ms,
+            )
+        except NormalisationError as exc:
+            reason = exc.reason.value
+            self.counts.invalid[reason] = self.counts.invalid.get(reason, 0) + 1
+            dlq_headers = [
+                *raw.headers,
+                ("dlq-reason", reason.encode()),
+                ("dlq-detail", str(exc).encode()[:1024]),
+                ("dlq-stage", b"pipeline"),
+            ]
+            return [Output(Route.DLQ, raw.key, raw.value, dlq_headers)]
+
+        event_id: str = record["eventId"]
+        if not self._dedup.check(event_id, received_at_ms):
+            self.counts.duplicates += 1
+            return []
+        self.counts.accepted += 1
+        seen_ms = self._dedup.clock_ms
+        assert seen_ms is not None  # check() just set it
+        event_ms = _iso_ms(record["authenticationTime"])
+        item = _Item(raw.key, record)
+        added = self._buffer.add(item, event_ms)
+        if added.late:
+            self._changes[changelog.event_key(event_id)] = changelog.encode_event(
+                seen_ms=seen_ms, event_ms=None, seq=None, record=None
+            )
+            return [self._emit(item, event_ms, late=True)]
+        self._changes[changelog.event_key(event_id)] = changelog.encode_event(
+            seen_ms=seen_ms, event_ms=event_ms, seq=added.seq, record=record
+        )
+        return self._release(early=False)
+
+    def tick(self, now_ms: int, *, caught_up: bool) -> list[Output]:
+        """A timer pass: move the watermark by wall clock when the input is caught up.
+
+        While the partition lags, the wall clock says nothing about the records still to come,
+        so only the buffer bound can release anything then: a full buffer (its input paused
+        since :meth:`accept` filled it) releases its oldest records early here.
+        """
+        if caught_up:
+            self._buffer.advance(now_ms)
+        if (
+            self._last_visit_expiry_ms is None
+            or now_ms - self._last_visit_expiry_ms >= _VISIT_EXPIRY_INTERVAL_MS
+        ):
+            self._last_visit_expiry_ms = now_ms
+            self._visits.expire(self._visits.clock_ms or 0)
+        return self._release()
+
+    def take_changes(self) -> list[tuple[bytes, bytes | None]]:
+        """Changelog entries changed since the last call; the meta entry comes last."""
+        if not self._changes:
+            return []
+        entries = list(self._changes.items())
+        self._changes.clear()
+        released = self._buffer.released_through
+        entries.append(
+            (
+                changelog.META_KEY,
+                changelog.encode_meta(
+                    changelog.Meta(
+                        next_seq=self._buffer.next_seq,
+                        max_event_ms=self._buffer.max_event_ms,
+                        wall_ms=self._buffer.wall_ms,
+                        released_through=released,
+                        dedup_clock_ms=self._dedup.clock_ms,
+                        visit_clock_ms=self._visits.clock_ms,
+                    )
+                ),
+            )
+        )
+        return entries
+
+    def discard_changes(self) -> None:
+        self._changes.clear()
+
+    # ----------------------------------------------------------------------------------------
+    # Restore
+
+    @classmethod
+    def restore(
+        cls, entries: Iterable[tuple[bytes, bytes | None]], config: WindowConfig
+    ) -> tuple[PartitionPipeline, int]:
+        """Rebuild from a changelog partition read in order; returns it and the corrupt count.
+
+        A corrupt entry is skipped (and counted) rather than stopping the partition.
+        """
+        state = changelog.fold(entries)
+        meta = state.meta or changelog.Meta()
+        dedup = Deduplicator.restore(
+            ((event_id, e.seen_ms) for event_id, e in state.events.items()),
+            clock_ms=meta.dedup_clock_ms,
+            window_ms=config.dedup_window_ms,
+        )
+        visits = VisitTracker.restore(
+            ((user, venue, held) for (user, venue), held in state.visits.items()),
+            clock_ms=meta.visit_clock_ms,
+            gap_ms=config.visit_gap_ms,
+            retention_ms=config.visit_retention_ms,
+        )
+        items = [
+            (e.event_ms, e.seq, _Item(_key_of(e.record), e.record))
+            for e in state.events.values()
+            if e.record is not None and e.event_ms is not None and e.seq is not None
+        ]
+        buffer: ReorderBuffer[_Item] = ReorderBuffer.restore(
+            items,
+            next_seq=meta.next_seq,
+            max_event_ms=meta.max_event_ms,
+            wall_ms=meta.wall_ms,
+            released_through=meta.released_through,
+            lateness_ms=config.lateness_ms,
+            max_buffered=config.max_buffered,
+        )
+        return cls(config, dedup=dedup, visits=visits, buffer=buffer), state.corrupt
+
+    # ----------------------------------------------------------------------------------------
+
+    def _release(self, *, early: bool = True) -> list[Output]:
+        return [
+            self._emit(item, _iso_ms(item.record["authenticationTime"]), late=False)
+            for item in self._buffer.release(early=early)
+        ]
+
+    def _emit(self, item: _Item, event_ms: int, *, late: bool) -> Output:
+        record = item.record
+        user_key = record["user"]["id"] or record["client"]["mac"] or ""
+        venue_id = record["venue"]["id"] or ""
+        visit = self._visits.assign(user_key, venue_id, event_ms)
+        held = self._visits.spans(user_key, venue_id)
+        self._changes[changelog.visit_key(user_key, venue_id)] = (
+            changelog.encode_visits(held) if held else None
+        )
+        record["visit"] = {"id": visit.visit_id, "isNew": visit.is_new}
+        record["late"] = late
+        self.counts.emitted += 1
+        if late:
+            self.counts.late += 1
+        if visit.is_new:
+            self.counts.visits_opened += 1
+        headers = [("event-id", record["eventId"].encode())]
+        return Output(Route.LATE if late else Route.VISITS, item.key, orjson.dumps(record), headers)
+
+
+def _key_of(record: dict[str, Any]) -> bytes:
+    """The raw topic's key of a record: user id, else MAC, else the bridge's constant."""
+    user_id = record["user"]["id"]
+    mac = record["client"]["mac"]
+    return (user_id or mac or "unknown").encode()
+
+
+def _received_at_ms(header: bytes | None, fallback_ms: int) -> int:
+    if header:
+        try:
+            return int(header)
+        except ValueError:
+            pass
+    return fallback_ms
+
+
+def _iso_ms(text: str) -> int:
+    """Epoch ms of the normaliser's ``2018-01-18T13:27:08.000Z``."""
+    return (datetime.fromisoformat(text) - _EPOCH) // _MILLISECOND

@@ -1,0 +1,522 @@
+"""``wifi-bridge pipeline``: the Kafka shell around :class:`PartitionPipeline`.
+
+Exactly once, raw to visits/late/dlq. Every write of a pass (output records, the changelog
+entries of the state they changed, and the input offsets) goes into one Kafka transaction. The
+client is librdkafka (confluent-kafka), because it implements KIP-447: the offsets are sent with
+the consumer's group metadata, so a zombie that lost its partitions in a rebalance cannot
+commit offsets for them (aiokafka takes only a group id there, aio-libs/aiokafka#844).
+
+Lifecycle of a partition:
+
+* **assigned**: first the committed offset is fetched (for a read_committed consumer this waits
+  for a transaction still pending on it), then the state is rebuilt from the same-numbered
+  changelog partition, read committed to its end. Offsets and state were committed together,
+  so they match.
+* **running**: records are processed in consume batches; a transaction is committed at least
+  every ``PIPELINE_COMMIT_INTERVAL_MS``. A timer every ``PIPELINE_TICK_MS`` moves the reorder
+  watermark of caught-up partitions by wall clock.
+* **revoked**: the open transaction is committed first (the offsets are still ours), then the
+  partition's state is dropped. **lost** (the group moved on without us): the transaction is
+  aborted.
+
+Any failed transaction is aborted and every owned partition is rebuilt from Kafka (committed
+offset + changelog), since the in-memory state had already moved past what was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from prometheus_client import start_http_server
+
+from bridge.kafka import TopicSpec, ensure_topics
+from bridge.rdkafka import client_config
+from consumers.pipeline.metrics import PipelineMetrics
+from consumers.pipeline.partition import Output, PartitionPipeline, RawRecord, Route
+from consumers.pipeline.settings import PipelineSettings
+
+log = logging.getLogger(__name__)
+
+_BATCH = 500
+_KAFKA_TIMEOUT_S = 30.0
+_CHANGELOG_MARGIN_MS = 2 * 3600 * 1000
+
+
+class PipelineError(Exception):
+    """The pipeline cannot go on (another instance took its transactional id, say)."""
+
+
+@dataclass(slots=True)
+class _Owned:
+    pipeline: PartitionPipeline
+    next_offset: int | None = None
+    caught_up: bool = False
+    paused: bool = False
+
+
+class PipelineService:
+    """One pipeline instance: a consumer in the group, a transactional producer, the state."""
+
+    def __init__(self, settings: PipelineSettings, *, metrics: PipelineMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        # librdkafka's own log lines go through Python logging (served by consume() and poll()).
+        base = {**client_config(settings.kafka), "logger": logging.getLogger("librdkafka")}
+        self._consumer = confluent_kafka.Consumer(
+            {
+                **base,
+                "group.id": settings.group_id,
+                # Static membership: a restarted instance takes its partitions back at once,
+                # without a rebalance; a zombie with the same name is fenced.
+                "group.instance.id": settings.instance_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "enable.partition.eof": True,
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1_000,
+            }
+        )
+        self._producer = confluent_kafka.Producer(
+            {
+                **base,
+                "transactional.id": settings.transactional_id,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "partitioner": "murmur2_random",
+                "transaction.timeout.ms": settings.transaction_timeout_ms,
+            }
+        )
+        self._restorer_config = {
+            **base,
+            "group.id": f"{settings.group_id}-restore",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,  # an empty changelog partition answers EOF at once
+        }
+        self._routes = {
+            Route.VISITS: settings.topic_visits,
+            Route.LATE: settings.topic_late,
+            Route.DLQ: settings.topic_dlq,
+        }
+        self._owned: dict[int, _Owned] = {}
+        self._offsets: dict[int, int] = {}
+        self._in_transaction = False
+        self._transaction_started = 0.0
+
+    # ----------------------------------------------------------------------------------------
+    # Main loop
+
+    def run(self, stop: threading.Event) -> None:
+        """Process until ``stop`` is set; then commit what is open and leave the group."""
+        self._prepare_topics()
+        self._producer.init_transactions(_KAFKA_TIMEOUT_S)
+        log.info(
+            "pipeline started",
+            extra={
+                "group": self.settings.group_id,
+                "transactional_id": self.settings.transactional_id,
+                "topic": self.settings.topic_raw,
+            },
+        )
+        self._consumer.subscribe(
+            [self.settings.topic_raw],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        tick_s = self.settings.tick_ms / 1000
+        commit_s = self.settings.commit_interval_ms / 1000
+        next_tick = time.monotonic() + tick_s
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                wait_s = next_tick - now
+                if self._in_transaction:
+                    wait_s = min(wait_s, self._transaction_started + commit_s - now)
+                for message in self._consumer.consume(_BATCH, max(0.0, wait_s)):
+                    self._handle(message)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick_s
+                    self._tick()
+                if self._in_transaction and now - self._transaction_started >= commit_s:
+                    self._commit()
+            if self._in_transaction:
+                self._commit()
+        finally:
+            log.info("pipeline stopping: leaving the group")
+            try:
+                self._consumer.close()  # revokes; no transaction is open, so nothing to commit
+            except Exception as exc:  # a callback's error re-raised by close(): still shut down
+                log.warning("could not leave the group cleanly", extra={"error": str(exc)})
+            if self._in_transaction:
+                self._abort("shutdown")
+            self._producer.flush(_KAFKA_TIMEOUT_S)
+            log.info("pipeline stopped")
+
+    def _handle(self, message: confluent_kafka.Message) -> None:
+        error = message.error()
+        partition = message.partition()
+        assert partition is not None
+        owned = self._owned.get(partition)
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                if owned is not None:
+                    owned.caught_up = True
+                return
+            if error.fatal():
+                raise PipelineError(f"consumer failed: {error.str()}")
+            log.warning("consumer error", extra={"error": error.name()})
+            return
+        offset = message.offset()
+        assert offset is not None
+        if owned is None or (owned.next_offset is not None and offset < owned.next_offset):
+            return  # fetched before a revocation or a rewind: not ours, or already processed
+        self._begin()
+        timestamp_type, timestamp_ms = message.timestamp()
+        raw = RawRecord(
+            key=message.key(),
+            value=message.value() or b"",
+            headers=_headers(message.headers()),
+            timestamp_ms=timestamp_ms if timestamp_type else int(time.time() * 1000),
+        )
+        outputs = owned.pipeline.accept(raw)
+        self._produce(outputs)
+        owned.caught_up = False
+        owned.next_offset = offset + 1
+        self._offsets[partition] = offset + 1
+        if owned.pipeline.is_full and not owned.paused:
+            owned.paused = True
+            self._consumer.pause([TopicPartition(self.settings.topic_raw, partition)])
+            self.metrics.paused.inc()
+            log.warning("reorder buffer full: partition paused", extra={"partition": partition})
+
+    def _tick(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for partition, owned in self._owned.items():
+            pipeline = owned.pipeline
+            outputs = pipeline.tick(now_ms, caught_up=owned.caught_up)
+            if outputs:
+                self._begin()
+                self._produce(outputs)
+            if owned.paused and not pipeline.is_full:
+                owned.paused = False
+                self._consumer.resume([TopicPartition(self.settings.topic_raw, partition)])
+                self.metrics.paused.dec()
+            label = str(partition)
+            self.metrics.buffered.labels(partition=label).set(pipeline.buffered)
+            watermark_ms = pipeline.watermark_ms
+            if watermark_ms is not None:
+                self.metrics.watermark_lag.labels(partition=label).set(
+                    (now_ms - watermark_ms) / 1000
+                )
+        self._count()
+
+    def _produce(self, outputs: Sequence[Output]) -> None:
+        for output in outputs:
+            headers: list[tuple[str, str | bytes | None]] = [*output.headers]
+            self._send(self._routes[output.route], output.key, output.value, headers=headers)
+            self.metrics.records_out.labels(route=output.route.value).inc()
+
+    def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        while True:
+            try:
+                if partition is None:
+                    self._producer.produce(topic, value, key, headers=headers)
+                else:
+                    self._producer.produce(topic, value, key, partition, headers=headers)
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # the local queue is full: let it drain
+
+    # ----------------------------------------------------------------------------------------
+    # Transactions
+
+    def _begin(self) -> None:
+        if not self._in_transaction:
+            self._producer.begin_transaction()
+            self._in_transaction = True
+            self._transaction_started = time.monotonic()
+
+    def _commit(self) -> None:
+        """Write the changed state, send the offsets and commit; on failure abort and rebuild."""
+        started = time.monotonic()
+        try:
+            for partition, owned in self._owned.items():
+                for key, value in owned.pipeline.take_changes():
+                    self._send(self.settings.topic_changelog, key, value, partition=partition)
+            if self._offsets:
+                self._producer.send_offsets_to_transaction(
+                    [
+                        TopicPartition(self.settings.topic_raw, partition, offset)
+                        for partition, offset in self._offsets.items()
+                    ],
+                    self._consumer.consumer_group_metadata(),
+                    _KAFKA_TIMEOUT_S,
+                )
+            self._producer.commit_transaction(_KAFKA_TIMEOUT_S)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal():
+                raise PipelineError(
+                    f"the transactional producer failed for good ({error.name()}): another "
+                    f"instance may use transactional id {self.settings.transactional_id}"
+                ) from exc
+            self._abort(error.name())
+            self._rebuild(list(self._owned))
+            return
+        self._in_transaction = False
+        self._offsets.clear()
+        self._producer.poll(0)  # serve its log lines
+        self.metrics.transactions.labels(result="committed").inc()
+        self.metrics.transaction_seconds.observe(time.monotonic() - started)
+
+    def _abort(self, reason: str) -> None:
+        log.warning("aborting the transaction", extra={"reason": reason})
+        try:
+            self._producer.abort_transaction(_KAFKA_TIMEOUT_S)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal():
+                raise PipelineError(f"could not abort the transaction: {error.name()}") from exc
+        self._in_transaction = False
+        self._offsets.clear()
+        self.metrics.transactions.labels(result="aborted").inc()
+
+    # ----------------------------------------------------------------------------------------
+    # Rebalances (called by librdkafka from inside consume())
+
+    def _on_assign(
+        self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]
+    ) -> None:
+        numbers = [tp.partition for tp in partitions]
+        log.info("partitions assigned", extra={"partitions": numbers})
+        self._restore(consumer, numbers)
+        self.metrics.assigned.set(len(self._owned))
+
+    def _on_revoke(
+        self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]
+    ) -> None:
+        numbers = [tp.partition for tp in partitions]
+        log.info("partitions revoked", extra={"partitions": numbers})
+        if self._in_transaction:
+            self._commit()
+        self._drop(numbers)
+
+    def _on_lost(
+        self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]
+    ) -> None:
+        numbers = [tp.partition for tp in partitions]
+        log.warning("partitions lost", extra={"partitions": numbers})
+        if self._in_transaction:
+            self._abort("partitions lost")
+            self._drop(numbers)
+            self._rebuild(list(self._owned))
+        else:
+            self._drop(numbers)
+
+    def _drop(self, partitions: Sequence[int]) -> None:
+        self._count()
+        for partition in partitions:
+            owned = self._owned.pop(partition, None)
+            self._offsets.pop(partition, None)
+            if owned is None:
+                continue
+            if owned.paused:
+                self.metrics.paused.dec()
+            for gauge in (self.metrics.buffered, self.metrics.watermark_lag):
+                with contextlib.suppress(KeyError):  # never set
+                    gauge.remove(str(partition))
+        self.metrics.assigned.set(len(self._owned))
+
+    def _rebuild(self, partitions: Sequence[int]) -> None:
+        """After an abort: state and positions back to what Kafka holds as committed."""
+        if not partitions:
+            return
+        committed = self._restore(self._consumer, partitions)
+        for partition in partitions:
+            offset = committed.get(partition, confluent_kafka.OFFSET_BEGINNING)
+            try:
+                self._consumer.seek(TopicPartition(self.settings.topic_raw, partition, offset))
+            except KafkaException as exc:
+                log.warning(
+                    "could not seek after an abort",
+                    extra={"partition": partition, "error": exc.args[0].name()},
+                )
+
+    def _restore(
+        self, consumer: confluent_kafka.Consumer, partitions: Sequence[int]
+    ) -> dict[int, int]:
+        """Rebuild the partitions' state; returns their committed offsets (when there is one)."""
+        if not partitions:
+            return {}
+        started = time.monotonic()
+        topic = self.settings.topic_raw
+        # Offsets first: for a read_committed consumer this waits until no transaction that
+        # carries offsets for these partitions is pending, so the changelog read below
+        # already holds the state those offsets were committed with.
+        committed = {
+            tp.partition: tp.offset
+            for tp in consumer.committed(
+                [TopicPartition(topic, p) for p in partitions], _KAFKA_TIMEOUT_S
+            )
+            if tp.offset >= 0
+        }
+        entries = _read_changelog(self._restorer_config, self.settings.topic_changelog, partitions)
+        for partition in partitions:
+            pipeline, corrupt = PartitionPipeline.restore(
+                entries.get(partition, []), self.settings.windows
+            )
+            if corrupt:
+                self.metrics.changelog_corrupt.inc(corrupt)
+            old = self._owned.get(partition)
+            if old is not None and old.paused:
+                self.metrics.paused.dec()
+            self._owned[partition] = _Owned(pipeline, next_offset=committed.get(partition))
+            log.info(
+                "partition state restored",
+                extra={
+                    "partition": partition,
+                    "buffered": pipeline.buffered,
+                    "dedup_entries": pipeline.dedup_entries,
+                    "changelog_entries": len(entries.get(partition, [])),
+                },
+            )
+        self.metrics.restore_seconds.observe(time.monotonic() - started)
+        return committed
+
+    # ----------------------------------------------------------------------------------------
+
+    def _count(self) -> None:
+        """Move the pipelines' own counts into the Prometheus counters."""
+        m = self.metrics
+        for owned in self._owned.values():
+            counts = owned.pipeline.counts
+            if counts.accepted:
+                m.records_in.labels(outcome="accepted").inc(counts.accepted)
+            if counts.duplicates:
+                m.records_in.labels(outcome="duplicate").inc(counts.duplicates)
+                m.duplicates.inc(counts.duplicates)
+            for reason, count in counts.invalid.items():
+                m.records_in.labels(outcome="invalid").inc(count)
+                m.invalid.labels(reason=reason).inc(count)
+            if counts.late:
+                m.late.inc(counts.late)
+            if counts.visits_opened:
+                m.visits_opened.inc(counts.visits_opened)
+            counts.reset()
+
+    def _prepare_topics(self) -> None:
+        metadata = self._consumer.list_topics(self.settings.topic_raw, _KAFKA_TIMEOUT_S)
+        raw = metadata.topics.get(self.settings.topic_raw)
+        partitions = None
+        if raw is not None and raw.error is None and raw.partitions:
+            partitions = len(raw.partitions)
+        windows = self.settings.windows
+        retention_ms = (
+            max(windows.dedup_window_ms, windows.visit_retention_ms) + _CHANGELOG_MARGIN_MS
+        )
+        specs = [
+            TopicSpec(self.settings.topic_raw, partitions),
+            TopicSpec(self.settings.topic_visits, partitions),
+            TopicSpec(self.settings.topic_late, partitions),
+            TopicSpec(self.settings.topic_dlq),
+            # One changelog partition per input partition: same count as the raw topic.
+            TopicSpec(
+                self.settings.topic_changelog,
+                partitions,
+                {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)},
+            ),
+        ]
+        asyncio.run(ensure_topics(self.settings.kafka, specs))
+
+
+def run(settings: PipelineSettings) -> int:
+    """Run one instance until SIGTERM or SIGINT; the exit status for the command line."""
+    metrics = PipelineMetrics()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.metrics_host, registry=metrics.registry)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        PipelineService(settings, metrics=metrics).run(stop)
+    except PipelineError as exc:
+        log.error("pipeline failed", extra={"error": str(exc)})
+        return 1
+    except KafkaException as exc:
+        log.error("pipeline failed", extra={"error": exc.args[0].name()})
+        return 1
+    return 0
+
+
+def _read_changelog(
+    config: dict[str, object], topic: str, partitions: Sequence[int]
+) -> dict[int, list[tuple[bytes, bytes | None]]]:
+    """Every committed entry of the given changelog partitions, in log order."""
+    entries: dict[int, list[tuple[bytes, bytes | None]]] = {p: [] for p in partitions}
+    if not partitions:
+        return entries
+    reader = confluent_kafka.Consumer(config)
+    try:
+        reader.assign(
+            [TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING) for p in partitions]
+        )
+        pending = set(partitions)
+        deadline = time.monotonic() + 600
+        while pending:
+            if time.monotonic() > deadline:
+                raise PipelineError(f"restoring from {topic} took longer than 10 minutes")
+            for message in reader.consume(1000, 1.0):
+                partition = message.partition()
+                assert partition is not None
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(partition)
+                        continue
+                    if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        pending.clear()  # no changelog yet: empty state
+                        break
+                    raise PipelineError(f"cannot read {topic}: {error.str()}")
+                key = message.key()
+                if key is not None:
+                    entries[partition].append((key, message.value()))
+    finally:
+        reader.close()
+    return entries
+
+
+def _headers(
+    headers: dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None,
+) -> list[tuple[str, bytes]]:
+    if not headers:
+        return []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return [
+        (name, value.encode() if isinstance(value, str) else value)
+        for name, value in pairs
+        if value is not None
+    ]

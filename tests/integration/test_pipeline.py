@@ -1,0 +1,206 @@
+"""``wifi-bridge pipeline`` against a real broker: every input event exactly once, read
+committed, across redeliveries, disorder, crashes and rebalances."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+
+import orjson
+
+from tests.fixtures.pipeline import Out, PipelineRig, Raw
+from tests.fixtures.samples import login_body
+
+HOUR_MS = 3_600_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def event_ids(outs: list[Out], topic: str | None = None) -> Counter[str]:
+    return Counter(o.record["eventId"] for o in outs if topic is None or o.topic == topic)
+
+
+def test_redeliveries_are_dropped_and_relogins_form_one_visit(pipeline_rig: PipelineRig) -> None:
+    rig = pipeline_rig
+    rig.spawn()
+    base = now_ms()
+    logins = [login_body(user_id=u, at_ms=base + k * 100 + u) for k in range(3) for u in range(10)]
+    rig.produce(logins)
+    rig.produce(logins[:10])  # the sender posts the first login of every visit again
+
+    outs = rig.read(count=30)
+
+    assert len(outs) == 30
+    assert {o.topic for o in outs} == {rig.topics["visits"]}
+    assert max(event_ids(outs).values()) == 1
+    by_user: dict[str, list[Out]] = {}
+    for out in outs:
+        by_user.setdefault(out.record["user"]["id"], []).append(out)
+    assert len(by_user) == 10
+    for user_outs in by_user.values():
+        assert len({o.record["visit"]["id"] for o in user_outs}) == 1
+        first = min(user_outs, key=lambda o: o.record["authenticationTime"])
+        assert [o.record["visit"]["isNew"] for o in user_outs].count(True) == 1
+        assert first.record["visit"]["isNew"] is True
+        assert all(o.record["late"] is False for o in user_outs)
+        assert all(o.key == o.record["user"]["id"].encode() for o in user_outs)
+        assert all(o.headers["event-id"] == o.record["eventId"].encode() for o in user_outs)
+
+
+def test_shuffled_deliveries_come_out_in_login_time_order(pipeline_rig: PipelineRig) -> None:
+    rig = pipeline_rig
+    rig.spawn()
+    base = now_ms() + 1_000
+    logins = [login_body(user_id=n % 20, at_ms=base + n * 10) for n in range(60)]
+    random.Random(7).shuffle(logins)  # disorder of up to 600 ms, inside the 2 s lateness
+    rig.produce(logins)
+
+    outs = rig.read(count=60)
+
+    assert len(outs) == 60
+    assert {o.topic for o in outs} == {rig.topics["visits"]}
+    for partition in {o.partition for o in outs}:
+        in_partition = sorted((o for o in outs if o.partition == partition), key=lambda o: o.offset)
+        times = [o.record["authenticationTime"] for o in in_partition]
+        assert times == sorted(times)
+
+
+def test_a_retry_three_hours_later_is_dropped_and_a_late_first_delivery_goes_to_late(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    rig.spawn()
+    t0 = now_ms()
+    first = login_body(user_id=1, at_ms=t0)
+    rig.produce([Raw(first, t0)])
+    assert len(rig.read(count=1, settle_s=0)) == 1  # released: the partition moved past t0
+
+    # The sender retries the same login 3 hours later; and a login of 3 hours ago, whose
+    # every delivery failed until now, arrives for the first time.
+    late_login = login_body(user_id=1, at_ms=t0 - 3 * HOUR_MS)
+    rig.produce([Raw(first, t0 + 3 * HOUR_MS), Raw(late_login, now_ms())])
+
+    outs = rig.read(count=2)
+
+    assert len(outs) == 2
+    late = [o for o in outs if o.topic == rig.topics["late"]]
+    assert len(late) == 1
+    assert late[0].record["late"] is True
+    assert late[0].record["visit"]["id"]  # a late login still belongs to a visit
+    assert event_ids(outs)[late[0].record["eventId"]] == 1
+    assert sum(event_ids(outs, rig.topics["visits"]).values()) == 1
+
+
+def test_a_body_that_cannot_be_normalised_goes_to_the_dlq_with_its_reason(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    rig.spawn()
+    no_time = orjson.loads(login_body(user_id=5))
+    del no_time["session"]["authenticationTime"]
+    rig.produce([b"not json", orjson.dumps(no_time), login_body(user_id=6, at_ms=now_ms())])
+
+    outs = rig.read(count=3)
+
+    dlq = [o for o in outs if o.topic == rig.topics["dlq"]]
+    assert sorted(o.headers["dlq-reason"] for o in dlq) == [
+        b"invalid_json",
+        b"missing_authentication_time",
+    ]
+    assert {o.record["raw"] for o in dlq} == {b"not json", orjson.dumps(no_time)}
+    assert len([o for o in outs if o.topic == rig.topics["visits"]]) == 1
+
+
+def test_records_waiting_in_the_buffer_survive_a_restart(pipeline_rig: PipelineRig) -> None:
+    rig = pipeline_rig
+    first = rig.spawn(PIPELINE_LATENESS_S="8")
+    at = now_ms()
+    rig.produce([login_body(user_id=u, at_ms=at) for u in range(5)])
+    deadline = time.monotonic() + 30
+    while (first.metric('wifi_pipeline_records_in_total{outcome="accepted"}') or 0) < 5:
+        assert time.monotonic() < deadline, first.logs()
+        time.sleep(0.2)
+    assert rig.stop(first) == 0
+    assert rig.read(count=1, timeout_s=1, settle_s=0) == []  # still waiting: nothing released
+
+    rig.spawn(PIPELINE_LATENESS_S="8")
+    outs = rig.read(count=5, timeout_s=60)
+
+    assert len(outs) == 5
+    assert max(event_ids(outs).values()) == 1
+
+
+def _stream(rig: PipelineRig, *, seconds: float, rate_per_s: int, seed: int) -> list[bytes]:
+    """Posts unique logins (and some redeliveries) for ``seconds``; returns the unique ones."""
+    rng = random.Random(seed)
+    sent: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        batch = [
+            login_body(user_id=rng.randrange(200), at_ms=now_ms() - rng.randrange(500))
+            for _ in range(rate_per_s // 10)
+        ]
+        sent += batch
+        redeliveries = rng.sample(sent, k=min(2, len(sent)))
+        rig.produce(batch + redeliveries)
+        time.sleep(0.1)
+    return sent
+
+
+def _expected_ids(bodies: list[bytes]) -> set[str]:
+    from bridge.event import identify
+
+    return {identify(orjson.loads(body)).event_id for body in bodies}
+
+
+def test_sigkill_during_a_stream_loses_and_duplicates_nothing(pipeline_rig: PipelineRig) -> None:
+    rig = pipeline_rig
+    running = rig.spawn()
+    sent: list[bytes] = []
+    producer = threading.Thread(
+        target=lambda: sent.extend(_stream(rig, seconds=15, rate_per_s=100, seed=1))
+    )
+    producer.start()
+    for pause_s in (3.0, 4.0, 3.0):
+        time.sleep(pause_s)
+        rig.kill(running)
+        running = rig.spawn(wait=False)  # the same instance id: fences its predecessor
+    producer.join()
+    expected = _expected_ids(sent)
+
+    outs = rig.read(count=len(expected), timeout_s=120)
+
+    got = event_ids(outs)
+    assert set(got) == expected, running.logs()
+    assert max(got.values()) == 1
+    assert not [o for o in outs if o.topic == rig.topics["dlq"]]
+
+
+def test_two_instances_rebalancing_during_a_stream_emit_each_event_once(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    a = rig.spawn("a")
+    sent: list[bytes] = []
+    producer = threading.Thread(
+        target=lambda: sent.extend(_stream(rig, seconds=16, rate_per_s=100, seed=2))
+    )
+    producer.start()
+    time.sleep(3)
+    b = rig.spawn("b", wait=False)  # joins: partitions move from a to b
+    time.sleep(4)
+    assert rig.stop(a) == 0  # leaves: b takes everything once a's session ends
+    time.sleep(3)
+    rig.spawn("c", wait=False)  # and another one joins
+    producer.join()
+    expected = _expected_ids(sent)
+
+    outs = rig.read(count=len(expected), timeout_s=120)
+
+    got = event_ids(outs)
+    assert set(got) == expected, b.logs()
+    assert max(got.values()) == 1

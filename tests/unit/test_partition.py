@@ -1,0 +1,207 @@
+"""The per-partition pipeline and its changelog, without Kafka."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import pytest
+
+from bridge.event import identify
+from consumers.pipeline import changelog
+from consumers.pipeline.partition import (
+    Output,
+    PartitionPipeline,
+    RawRecord,
+    Route,
+    WindowConfig,
+)
+from tests.fixtures.samples import DOCUMENTED_SAMPLE, TABLE_VARIANT, login_body
+
+T0 = 1_764_410_000_000
+CONFIG = WindowConfig(lateness_ms=1_000, max_buffered=100)
+
+
+def raw(body: bytes, received_at_ms: int = T0) -> RawRecord:
+    """A raw record as the bridge writes it: key and event id from the body."""
+    headers = [("received-at", str(received_at_ms).encode())]
+    try:
+        identity = identify(orjson.loads(body))
+        headers.append(("event-id", identity.event_id.encode()))
+        key: bytes | None = identity.key
+    except (orjson.JSONDecodeError, AttributeError):  # not a JSON object: no id to take
+        key = b"unknown"
+    return RawRecord(key=key, value=body, headers=headers, timestamp_ms=received_at_ms)
+
+
+def records(outputs: list[Output]) -> list[dict[str, object]]:
+    return [orjson.loads(o.value) for o in outputs]
+
+
+def times(outputs: list[Output]) -> list[str]:
+    return [orjson.loads(o.value)["authenticationTime"] for o in outputs]
+
+
+def test_a_record_waits_for_the_watermark_then_carries_its_visit() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    assert pipeline.accept(raw(login_body(user_id=1, at_ms=T0))) == []
+    assert pipeline.buffered == 1
+
+    released = pipeline.tick(T0 + 1_000, caught_up=True)
+
+    assert [o.route for o in released] == [Route.VISITS]
+    record = records(released)[0]
+    assert record["visit"] == {"id": record["visit"]["id"], "isNew": True}  # type: ignore[index]
+    assert record["late"] is False
+    assert released[0].key == b"1"
+    assert released[0].headers == [("event-id", str(record["eventId"]).encode())]
+
+
+def test_the_wall_clock_moves_only_a_caught_up_partition() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0)))
+    assert pipeline.tick(T0 + 60_000, caught_up=False) == []
+    assert len(pipeline.tick(T0 + 60_000, caught_up=True)) == 1
+
+
+def test_both_sender_layouts_give_the_same_record() -> None:
+    outputs = []
+    for body in (DOCUMENTED_SAMPLE, TABLE_VARIANT):
+        pipeline = PartitionPipeline(CONFIG)
+        pipeline.accept(raw(body))
+        outputs += pipeline.tick(T0 + 10**12, caught_up=True)
+    first, second = records(outputs)
+    assert first == second
+
+
+def test_a_redelivery_inside_the_window_is_dropped_and_counted() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    body = login_body(user_id=1, at_ms=T0)
+    pipeline.accept(raw(body, T0))
+    assert pipeline.accept(raw(body, T0 + 3 * 3_600_000)) == []  # the sender's 3-hour retry
+    assert pipeline.counts.duplicates == 1
+    assert len(pipeline.tick(T0 + 3 * 3_600_000, caught_up=True)) == 1
+
+
+def test_shuffled_input_leaves_in_login_time_order() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    bodies = [login_body(user_id=n % 7, at_ms=T0 + n * 10) for n in range(80)]
+    random.Random(5).shuffle(bodies)  # 800 ms of disorder, inside the 1 s lateness
+    out: list[Output] = []
+    for n, body in enumerate(bodies):
+        out += pipeline.accept(raw(body, T0 + n))
+    out += pipeline.tick(T0 + 10_000, caught_up=True)
+    assert len(out) == 80
+    assert all(o.route is Route.VISITS for o in out)
+    assert times(out) == sorted(times(out))
+
+
+def test_a_record_older_than_what_was_released_goes_late_with_its_visit() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0)))
+    pipeline.tick(T0 + 5_000, caught_up=True)
+
+    out = pipeline.accept(raw(login_body(user_id=1, at_ms=T0 - 60_000), T0 + 6_000))
+
+    assert [o.route for o in out] == [Route.LATE]
+    record = records(out)[0]
+    assert record["late"] is True
+    # One minute before the first login: it joins that visit, which it does not open.
+    assert record["visit"]["isNew"] is False  # type: ignore[index]
+    assert pipeline.counts.late == 1
+
+
+def test_relogins_of_a_visit_share_its_id_and_only_the_first_is_new() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    released: list[Output] = []
+    for minute in (0, 10, 20, 120):  # the last one opens a new visit
+        released += pipeline.accept(raw(login_body(user_id=1, at_ms=T0 + minute * 60_000)))
+    released += pipeline.tick(T0 + 10**9, caught_up=True)
+    out = records(released)
+    visits = [r["visit"] for r in out]
+    assert [v["isNew"] for v in visits] == [True, False, False, True]  # type: ignore[index]
+    assert len({v["id"] for v in visits[:3]}) == 1  # type: ignore[index]
+    assert visits[3]["id"] != visits[0]["id"]  # type: ignore[index]
+    assert pipeline.counts.visits_opened == 2
+
+
+def test_an_unreadable_body_goes_to_the_dlq_unchanged_with_its_reason() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    bad = raw(b"[1, 2]")
+    out = pipeline.accept(bad)
+    assert len(out) == 1
+    assert out[0].route is Route.DLQ
+    assert out[0].value == b"[1, 2]"
+    headers = dict(out[0].headers)
+    assert headers["dlq-reason"] == b"not_an_object"
+    assert headers["received-at"] == str(T0).encode()
+    assert pipeline.counts.invalid == {"not_an_object": 1}
+
+
+def test_a_full_buffer_waits_for_a_tick_to_release_early() -> None:
+    pipeline = PartitionPipeline(WindowConfig(lateness_ms=3_600_000, max_buffered=3))
+    for n in range(3):
+        assert pipeline.accept(raw(login_body(user_id=n, at_ms=T0 + n))) == []
+    assert pipeline.is_full  # the service pauses the partition now
+    out = pipeline.tick(T0, caught_up=False)
+    assert len(out) == 1
+    assert not pipeline.is_full
+
+
+def test_changes_hold_one_entry_per_key_and_the_meta_last() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    assert pipeline.take_changes() == []
+    for minute in (0, 1):
+        pipeline.accept(raw(login_body(user_id=1, at_ms=T0 + minute * 60_000)))
+    pipeline.tick(T0 + 10**6, caught_up=True)
+    changes = pipeline.take_changes()
+    keys = [key for key, _ in changes]
+    assert len(keys) == len(set(keys)) == 4  # two events, one (user, venue), the meta
+    assert keys[-1] == changelog.META_KEY
+    assert pipeline.take_changes() == []
+
+
+def test_restore_from_the_changelog_continues_exactly_as_without_a_restart() -> None:
+    rng = random.Random(9)
+    bodies = [
+        login_body(user_id=rng.randrange(5), at_ms=T0 + rng.randrange(20_000)) for _ in range(150)
+    ]
+    bodies += rng.sample(bodies, 20)  # redeliveries
+
+    def run(pipeline: PartitionPipeline, start: int, stop: int) -> list[bytes]:
+        out: list[Output] = []
+        for n in range(start, stop):
+            out += pipeline.accept(raw(bodies[n], T0 + n * 100))
+            if n % 10 == 0:
+                out += pipeline.tick(T0 + n * 100, caught_up=True)
+        return [o.value for o in out]
+
+    expected = run(PartitionPipeline(CONFIG), 0, len(bodies))
+    for cut in (0, 1, 33, 99, 150, len(bodies)):
+        first = PartitionPipeline(CONFIG)
+        got = run(first, 0, cut)
+        log: list[tuple[bytes, bytes | None]] = []
+        log += first.take_changes()
+        second, corrupt = PartitionPipeline.restore(log, CONFIG)
+        assert corrupt == 0
+        got += run(second, cut, len(bodies))
+        assert got == expected
+
+
+def test_restore_skips_and_counts_corrupt_entries() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0)))
+    entries = pipeline.take_changes()
+    entries[:0] = [(b"e" + b"x", b"not json"), (b"zzz", b"{}"), (changelog.META_KEY, b"[]")]
+    restored, corrupt = PartitionPipeline.restore(entries, CONFIG)
+    assert corrupt == 3
+    assert restored.buffered == 1
+
+
+@pytest.mark.parametrize("value", [None, b'{"v": 1, "seq": 0}'])
+def test_a_meta_tombstone_or_incomplete_meta_does_not_crash_a_restore(
+    value: bytes | None,
+) -> None:
+    restored, corrupt = PartitionPipeline.restore([(changelog.META_KEY, value)], CONFIG)
+    assert restored.buffered == 0
+    assert corrupt == (0 if value is None else 1)
