@@ -33,11 +33,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import ROOT, SAMPLE_PATH, broker
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
-from devkafka.broker import LocalKafka, free_port
+from devkafka.broker import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 PATH = "/webhooks/bt-wifi"
 TARGET_BRIDGE_VS_BARE = 0.7
 
@@ -63,25 +63,9 @@ class Result:
 
 
 def _sample_template() -> str:
-    sample = (ROOT.parent / "shared" / "testdata" / "documented-sample.json").read_text()
+    sample = SAMPLE_PATH.read_text()
     sample = sample.replace("%", "%%").replace('"id":888,"lastName"', '"id":%d,"lastName"')
     return sample.replace("13:27:08", "13:%02d:08")
-
-
-@contextmanager
-def broker() -> Iterator[str]:
-    existing = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if existing:
-        yield existing
-        return
-    with tempfile.TemporaryDirectory(prefix="bench-kafka-") as data:
-        local = LocalKafka(data_dir=Path(data), port=free_port())
-        print(f"starting a local Kafka broker on {local.bootstrap_servers} ...", flush=True)
-        local.start()
-        try:
-            yield local.bootstrap_servers
-        finally:
-            local.stop()
 
 
 def _wait_http(url: str, timeout_s: float = 60, *, contains: bytes = b"") -> None:
@@ -172,7 +156,15 @@ def run_wrk(url: str, script: Path, duration_s: int, connections: int) -> Result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
+    if sys.argv[1:2] == ["pipeline"]:
+        from bench import pipeline
+
+        return pipeline.main(sys.argv[2:])
+    if sys.argv[1:2] == ["receiver"]:
+        del sys.argv[1]
+    parser = argparse.ArgumentParser(
+        prog="python -m bench [receiver|pipeline]", description=__doc__
+    )
     parser.add_argument("--duration-s", type=int, default=10, help="measured seconds per round")
     parser.add_argument("--warmup-s", type=int, default=3, help="unmeasured seconds per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per contender (median)")

@@ -23,7 +23,7 @@ import orjson
 from bridge.errors import WifiBridgeError
 from bridge.event import identify, normalise_mac, parse_time_ms, venue_section
 
-__all__ = ["SCHEMA_PATH", "NormalisationError", "Reason", "normalise"]
+__all__ = ["SCHEMA_PATH", "NormalisationError", "Reason", "normalise", "normalise_timed"]
 
 #: JSON Schema (draft 2020-12) of the record :func:`normalise` returns.
 SCHEMA_PATH: Final = Path(__file__).resolve().parent / "schema" / "login.v1.json"
@@ -38,6 +38,10 @@ _ENTRY_VENUE_FIELDS: Final = ("venueId", "id")
 _ENTRY_COUNT_FIELDS: Final = ("count", "visitCount")
 _MAX_LATITUDE: Final = 90.0
 _MAX_LONGITUDE: Final = 180.0
+_MIN_MS: Final = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+_MAX_MS: Final = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // timedelta(
+    milliseconds=1
+)
 
 
 class Reason(StrEnum):
@@ -76,6 +80,13 @@ def normalise(
     bridge computes it. ``received_at_ms`` is the ``received-at`` header (epoch milliseconds).
     Raises :class:`NormalisationError` when the body cannot be normalised.
     """
+    return normalise_timed(raw, event_id=event_id, received_at_ms=received_at_ms)[0]
+
+
+def normalise_timed(
+    raw: bytes, *, event_id: str | None = None, received_at_ms: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """:func:`normalise`, and the login time as epoch milliseconds (the pipeline orders by it)."""
     body = _parse(raw)
     sections = {name: _section(body, name, name) for name in _SECTIONS}
     user = sections["user"]
@@ -84,7 +95,7 @@ def normalise(
     _section(user, "venue", "user.venue")
     venue = venue_section(body)
 
-    authentication_time = _authentication_time(sections["session"])
+    authentication_ms = _authentication_ms(sections["session"])
     user_id = _id(user.get("id"), "user.id")
     mac = normalise_mac(client.get("mac"))
     if user_id is None and mac is None:
@@ -92,10 +103,10 @@ def normalise(
             Reason.MISSING_USER_ID, "neither user.id nor client.mac is present"
         )
 
-    return {
+    record = {
         "eventId": event_id or identify(body).event_id,
-        "authenticationTime": authentication_time,
-        "receivedAt": None if received_at_ms is None else _iso_utc(received_at_ms),
+        "authenticationTime": _iso_login(authentication_ms),
+        "receivedAt": None if received_at_ms is None else _iso_received(received_at_ms),
         "user": {
             "id": user_id,
             "email": _text(user, "email"),
@@ -117,6 +128,7 @@ def normalise(
         "visit": {"id": None, "isNew": None},
         "late": False,
     }
+    return record, authentication_ms
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
@@ -145,32 +157,55 @@ def _section(holder: dict[str, Any], name: str, path: str) -> dict[str, Any]:
     return value
 
 
-def _authentication_time(session: dict[str, Any]) -> str:
+def _authentication_ms(session: dict[str, Any]) -> int:
     value = session.get("authenticationTime")
     if value is None or value == "":
         raise NormalisationError(
             Reason.MISSING_AUTHENTICATION_TIME, "session.authenticationTime is missing"
         )
     time_ms = parse_time_ms(value)
-    try:
-        if time_ms is not None:
-            return _iso_utc(time_ms)
-    except OverflowError:
-        pass  # a local time in year 1 or 9999 whose UTC instant falls outside them
+    # A local time in year 1 or 9999 can have its UTC instant outside the years ISO can write.
+    if time_ms is not None and _MIN_MS <= time_ms <= _MAX_MS:
+        return time_ms
     raise NormalisationError(
         Reason.BAD_AUTHENTICATION_TIME,
         "session.authenticationTime is not an ISO 8601 time with a UTC offset",
     )
 
 
-def _iso_utc(epoch_ms: int) -> str:
-    """``2018-01-18T13:27:08.000Z``: always UTC, always milliseconds."""
-    moment = _EPOCH + timedelta(milliseconds=epoch_ms)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+class _IsoUtc:
+    """``2018-01-18T13:27:08.000Z`` from epoch ms: always UTC, always milliseconds.
+
+    Consecutive records of one field are seconds apart at most, so each formatter keeps the
+    text of the last second it wrote (one per field: login and receive times differ).
+    """
+
+    __slots__ = ("_prefix", "_seconds")
+
+    def __init__(self) -> None:
+        self._seconds: int | None = None
+        self._prefix = ""
+
+    def __call__(self, epoch_ms: int) -> str:
+        seconds, millis = divmod(epoch_ms, 1000)
+        if seconds != self._seconds:
+            moment = _EPOCH + timedelta(seconds=seconds)
+            self._prefix = moment.isoformat(timespec="seconds").removesuffix("+00:00")
+            self._seconds = seconds
+        return f"{self._prefix}.{millis:03d}Z"
+
+
+_iso_login = _IsoUtc()
+_iso_received = _IsoUtc()
 
 
 def _id(value: Any, path: str) -> str | None:
     """888, 888.0 and "888" are one id, "888", as in :func:`bridge.event.identify`."""
+    kind = type(value)
+    if kind is str:
+        return value.strip() or None
+    if kind is int:
+        return str(value)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -232,6 +267,11 @@ def _counts(value: Any, path: str) -> dict[str, int]:
         )
     counts: dict[str, int] = {}
     for venue, count in pairs:
+        if type(venue) is str and type(count) is int and count >= 0:  # the common shape
+            key = venue.strip()
+            if key and key not in counts:
+                counts[key] = count
+                continue
         venue_id = _id(venue, f"{path} venue id")
         if venue_id is None or venue_id in counts:
             raise NormalisationError(

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import orjson
 
 from consumers.pipeline import changelog
-from consumers.pipeline.normalise import NormalisationError, normalise
+from consumers.pipeline.normalise import NormalisationError, normalise_timed
 from consumers.pipeline.windows import (
     DEFAULT_DEDUP_WINDOW_MS,
     DEFAULT_LATENESS_MS,
@@ -47,8 +46,6 @@ from consumers.pipeline.windows import (
 __all__ = ["Output", "PartitionPipeline", "RawRecord", "Route", "WindowConfig"]
 
 _VISIT_EXPIRY_INTERVAL_MS = 60_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MILLISECOND = timedelta(milliseconds=1)
 
 
 class Route(StrEnum):
@@ -59,7 +56,7 @@ class Route(StrEnum):
     DLQ = "dlq"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RawRecord:
     """One record of the raw topic, as the service read it."""
 
@@ -70,7 +67,7 @@ class RawRecord:
     """The Kafka record timestamp: the receive time when the ``received-at`` header is absent."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Output:
     route: Route
     key: bytes | None
@@ -109,6 +106,7 @@ class Counts:
 class _Item:
     key: bytes | None
     record: dict[str, Any]
+    event_ms: int
 
 
 class PartitionPipeline:
@@ -118,6 +116,7 @@ class PartitionPipeline:
         "_buffer",
         "_changes",
         "_dedup",
+        "_dirty_visits",
         "_last_visit_expiry_ms",
         "_visits",
         "config",
@@ -141,6 +140,7 @@ class PartitionPipeline:
             lateness_ms=config.lateness_ms, max_buffered=config.max_buffered
         )
         self._changes: dict[bytes, bytes | None] = {}
+        self._dirty_visits: set[tuple[str, str]] = set()
         self._last_visit_expiry_ms: int | None = None
         self.counts = Counts()
 
@@ -172,7 +172,7 @@ class PartitionPipeline:
         received_at_ms = _received_at_ms(headers.get("received-at"), raw.timestamp_ms)
         header_id = headers.get("event-id")
         try:
-            record = normalise(
+            record, event_ms = normalise_timed(
                 raw.value,
                 event_id=header_id.decode("ascii", "replace") if header_id else None,
                 received_at_ms=received_at_ms,
@@ -195,14 +195,13 @@ class PartitionPipeline:
         self.counts.accepted += 1
         seen_ms = self._dedup.clock_ms
         assert seen_ms is not None  # check() just set it
-        event_ms = _iso_ms(record["authenticationTime"])
-        item = _Item(raw.key, record)
+        item = _Item(raw.key, record, event_ms)
         added = self._buffer.add(item, event_ms)
         if added.late:
             self._changes[changelog.event_key(event_id)] = changelog.encode_event(
                 seen_ms=seen_ms, event_ms=None, seq=None, record=None
             )
-            return [self._emit(item, event_ms, late=True)]
+            return [self._emit(item, late=True)]
         self._changes[changelog.event_key(event_id)] = changelog.encode_event(
             seen_ms=seen_ms, event_ms=event_ms, seq=added.seq, record=record
         )
@@ -227,10 +226,19 @@ class PartitionPipeline:
 
     def take_changes(self) -> list[tuple[bytes, bytes | None]]:
         """Changelog entries changed since the last call; the meta entry comes last."""
-        if not self._changes:
+        if not self._changes and not self._dirty_visits:
             return []
         entries = list(self._changes.items())
         self._changes.clear()
+        for user_key, venue_id in self._dirty_visits:
+            held = self._visits.spans(user_key, venue_id)
+            entries.append(
+                (
+                    changelog.visit_key(user_key, venue_id),
+                    changelog.encode_visits(held) if held else None,
+                )
+            )
+        self._dirty_visits.clear()
         released = self._buffer.released_through
         entries.append(
             (
@@ -251,6 +259,7 @@ class PartitionPipeline:
 
     def discard_changes(self) -> None:
         self._changes.clear()
+        self._dirty_visits.clear()
 
     # ----------------------------------------------------------------------------------------
     # Restore
@@ -277,7 +286,7 @@ class PartitionPipeline:
             retention_ms=config.visit_retention_ms,
         )
         items = [
-            (e.event_ms, e.seq, _Item(_key_of(e.record), e.record))
+            (e.event_ms, e.seq, _Item(_key_of(e.record), e.record, e.event_ms))
             for e in state.events.values()
             if e.record is not None and e.event_ms is not None and e.seq is not None
         ]
@@ -295,20 +304,14 @@ class PartitionPipeline:
     # ----------------------------------------------------------------------------------------
 
     def _release(self, *, early: bool = True) -> list[Output]:
-        return [
-            self._emit(item, _iso_ms(item.record["authenticationTime"]), late=False)
-            for item in self._buffer.release(early=early)
-        ]
+        return [self._emit(item, late=False) for item in self._buffer.release(early=early)]
 
-    def _emit(self, item: _Item, event_ms: int, *, late: bool) -> Output:
+    def _emit(self, item: _Item, *, late: bool) -> Output:
         record = item.record
         user_key = record["user"]["id"] or record["client"]["mac"] or ""
         venue_id = record["venue"]["id"] or ""
-        visit = self._visits.assign(user_key, venue_id, event_ms)
-        held = self._visits.spans(user_key, venue_id)
-        self._changes[changelog.visit_key(user_key, venue_id)] = (
-            changelog.encode_visits(held) if held else None
-        )
+        visit = self._visits.assign(user_key, venue_id, item.event_ms)
+        self._dirty_visits.add((user_key, venue_id))
         record["visit"] = {"id": visit.visit_id, "isNew": visit.is_new}
         record["late"] = late
         self.counts.emitted += 1
@@ -334,8 +337,3 @@ def _received_at_ms(header: bytes | None, fallback_ms: int) -> int:
         except ValueError:
             pass
     return fallback_ms
-
-
-def _iso_ms(text: str) -> int:
-    """Epoch ms of the normaliser's ``2018-01-18T13:27:08.000Z``."""
-    return (datetime.fromisoformat(text) - _EPOCH) // _MILLISECOND

@@ -112,6 +112,9 @@ class PipelineService:
             Route.LATE: settings.topic_late,
             Route.DLQ: settings.topic_dlq,
         }
+        self._records_out = {
+            route: metrics.records_out.labels(route=route.value) for route in Route
+        }
         self._owned: dict[int, _Owned] = {}
         self._offsets: dict[int, int] = {}
         self._in_transaction = False
@@ -230,7 +233,7 @@ class PipelineService:
         for output in outputs:
             headers: list[tuple[str, str | bytes | None]] = [*output.headers]
             self._send(self._routes[output.route], output.key, output.value, headers=headers)
-            self.metrics.records_out.labels(route=output.route.value).inc()
+            self._records_out[output.route].inc()
 
     def _send(
         self,
@@ -290,6 +293,7 @@ class PipelineService:
         self._in_transaction = False
         self._offsets.clear()
         self._producer.poll(0)  # serve its log lines
+        self._count()
         self.metrics.transactions.labels(result="committed").inc()
         self.metrics.transaction_seconds.observe(time.monotonic() - started)
 
@@ -514,6 +518,8 @@ def _headers(
 ) -> list[tuple[str, bytes]]:
     if not headers:
         return []
+    if type(headers) is list and all(type(value) is bytes for _, value in headers):
+        return headers  # type: ignore[return-value]  # checked: the usual case, no copy
     pairs = headers.items() if isinstance(headers, dict) else headers
     return [
         (name, value.encode() if isinstance(value, str) else value)

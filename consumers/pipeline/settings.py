@@ -61,8 +61,9 @@ PIPELINE_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "PIPELINE_COMMIT_INTERVAL_MS",
-        "100",
-        "a transaction (outputs, state, input offsets) commits at least this often",
+        "1000",
+        "a transaction (outputs, state, input offsets) commits at least this often; readers "
+        "see records once committed, and ordered records wait PIPELINE_LATENESS_S anyway",
     ),
     Option(
         "PIPELINE_TRANSACTION_TIMEOUT_MS",
@@ -100,7 +101,7 @@ class PipelineSettings:
     topic_dlq: str = "wifi.auth.dlq"
     topic_changelog: str = "wifi-pipeline-changelog"
     windows: WindowConfig = field(default_factory=WindowConfig)
-    commit_interval_ms: int = 100
+    commit_interval_ms: int = 1000
     transaction_timeout_ms: int = 30_000
     tick_ms: int = 500
     metrics_host: str = "0.0.0.0"

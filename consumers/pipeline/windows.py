@@ -17,7 +17,7 @@ import hashlib
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import orjson
 
@@ -115,8 +115,7 @@ class Deduplicator:
 # Visit windows
 
 
-@dataclass(frozen=True, slots=True)
-class Visit:
+class Visit(NamedTuple):
     """The visit a login was assigned to, as it stands after that login."""
 
     visit_id: str
@@ -272,7 +271,7 @@ def _visit(span: _Span, *, is_new: bool) -> Visit:
 # Reordering
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Added:
     """Outcome of :meth:`ReorderBuffer.add`.
 
