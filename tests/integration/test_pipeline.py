@@ -9,9 +9,12 @@ import time
 from collections import Counter
 
 import orjson
+import pytest
 
 from tests.fixtures.pipeline import Out, PipelineRig, Raw
 from tests.fixtures.samples import login_body
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 HOUR_MS = 3_600_000
 
