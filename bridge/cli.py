@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_options(pipeline, "Kafka", KAFKA_OPTIONS)
     config.add_options(pipeline, "pipeline", PIPELINE_OPTIONS)
 
+    simulate = commands.add_parser(
+        "simulate",
+        help="post realistic BT Wi-Fi traffic to a bridge (a simulator of the sender)",
+        description="Post generated logins to a bridge as the BT Wi-Fi sender would: re-logins, "
+        "redeliveries, small disorder, gzip, both body layouts, and an outage whose posts are "
+        "retried later. Prints a progress line and, at the end, what was sent.",
+    )
+    from simulator.cli import add_arguments
+
+    add_arguments(simulate)
+
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
 
@@ -92,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _spool(args)
     if args.command == "pipeline":
         return _pipeline(args)
+    if args.command == "simulate":
+        from simulator.cli import run as simulate
+
+        return simulate(args)
     try:
         settings = BridgeSettings.load(args, os.environ)
     except ConfigError as exc:

@@ -1,0 +1,1 @@
+"""A simulator of the BT Wi-Fi sender: realistic, reproducible webhook traffic for a bridge."""
