@@ -455,6 +455,22 @@ class PipelineService:
             ),
         ]
         asyncio.run(ensure_topics(self.settings.kafka, specs))
+        self._check_changelog_partitions()
+
+    def _check_changelog_partitions(self) -> None:
+        """State of raw partition N lives in changelog partition N: the counts must match."""
+        names = (self.settings.topic_raw, self.settings.topic_changelog)
+        counts = {}
+        for name in names:
+            topic = self._consumer.list_topics(name, _KAFKA_TIMEOUT_S).topics.get(name)
+            counts[name] = len(topic.partitions) if topic is not None and topic.partitions else 0
+        raw, changelog = (counts[name] for name in names)
+        if raw and changelog < raw:
+            raise PipelineError(
+                f"the changelog topic {self.settings.topic_changelog} has {changelog} partitions "
+                f"but {self.settings.topic_raw} has {raw}: they must match (create the changelog "
+                "with as many partitions, or set PIPELINE_TOPIC_CHANGELOG to a new topic)"
+            )
 
 
 def run(settings: PipelineSettings) -> int:

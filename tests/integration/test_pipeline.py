@@ -3,6 +3,7 @@ committed, across redeliveries, disorder, crashes and rebalances."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -11,6 +12,8 @@ from collections import Counter
 import orjson
 import pytest
 
+from bridge.kafka import TopicSpec, ensure_topics
+from bridge.settings import KafkaSettings
 from tests.fixtures.pipeline import Out, PipelineRig, Raw
 from tests.fixtures.samples import login_body
 
@@ -226,3 +229,17 @@ def test_a_full_reorder_buffer_pauses_and_releases_early_without_losing_records(
     paused = running.metric("wifi_pipeline_paused_partitions")
     assert paused is not None
     assert "reorder buffer full: partition paused" in running.logs()
+
+
+def test_a_changelog_with_fewer_partitions_than_the_input_stops_with_a_clear_error(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    changelog = rig.topics["group"] + "-changelog"
+    settings = KafkaSettings(bootstrap_servers=rig.bootstrap, topic_partitions=1)
+    asyncio.run(ensure_topics(settings, [TopicSpec(changelog)]))
+
+    running = rig.spawn(wait=False)
+
+    assert running.process.wait(timeout=60) == 1
+    assert f"the changelog topic {changelog} has 1 partitions" in running.logs()
