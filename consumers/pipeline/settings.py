@@ -128,6 +128,18 @@ class PipelineSettings:
             raise ConfigError(
                 f"PIPELINE_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
             )
+        commit_interval_ms = config.integer(
+            values, "PIPELINE_COMMIT_INTERVAL_MS", minimum=1, maximum=60_000
+        )
+        transaction_timeout_ms = config.integer(
+            values, "PIPELINE_TRANSACTION_TIMEOUT_MS", minimum=1000, maximum=900_000
+        )
+        if transaction_timeout_ms < 5 * commit_interval_ms:
+            raise ConfigError(
+                f"PIPELINE_TRANSACTION_TIMEOUT_MS ({transaction_timeout_ms}) must be at least five "
+                f"times PIPELINE_COMMIT_INTERVAL_MS ({commit_interval_ms}), or healthy "
+                "transactions would time out"
+            )
         return cls(
             kafka=KafkaSettings.from_values(values),
             group_id=group_id,
@@ -146,12 +158,8 @@ class PipelineSettings:
                 lateness_ms=config.integer(values, "PIPELINE_LATENESS_S", minimum=0) * 1000,
                 max_buffered=config.integer(values, "PIPELINE_MAX_BUFFERED", minimum=1),
             ),
-            commit_interval_ms=config.integer(
-                values, "PIPELINE_COMMIT_INTERVAL_MS", minimum=1, maximum=60_000
-            ),
-            transaction_timeout_ms=config.integer(
-                values, "PIPELINE_TRANSACTION_TIMEOUT_MS", minimum=1000, maximum=900_000
-            ),
+            commit_interval_ms=commit_interval_ms,
+            transaction_timeout_ms=transaction_timeout_ms,
             tick_ms=config.integer(values, "PIPELINE_TICK_MS", minimum=10, maximum=60_000),
             metrics_host=config.text(values, "PIPELINE_METRICS_HOST"),
             metrics_port=config.integer(values, "PIPELINE_METRICS_PORT", minimum=0, maximum=65535),
