@@ -459,18 +459,25 @@ class PipelineService:
 
     def _check_changelog_partitions(self) -> None:
         """State of raw partition N lives in changelog partition N: the counts must match."""
-        names = (self.settings.topic_raw, self.settings.topic_changelog)
-        counts = {}
-        for name in names:
-            topic = self._consumer.list_topics(name, _KAFKA_TIMEOUT_S).topics.get(name)
-            counts[name] = len(topic.partitions) if topic is not None and topic.partitions else 0
-        raw, changelog = (counts[name] for name in names)
+        raw = self._partition_count(self.settings.topic_raw)
+        changelog = self._partition_count(self.settings.topic_changelog)
         if raw and changelog < raw:
             raise PipelineError(
                 f"the changelog topic {self.settings.topic_changelog} has {changelog} partitions "
                 f"but {self.settings.topic_raw} has {raw}: they must match (create the changelog "
                 "with as many partitions, or set PIPELINE_TOPIC_CHANGELOG to a new topic)"
             )
+
+    def _partition_count(self, name: str) -> int:
+        """Partitions of a topic; a topic created a moment ago may take a while to show."""
+        deadline = time.monotonic() + _KAFKA_TIMEOUT_S
+        while True:
+            topic = self._consumer.list_topics(name, _KAFKA_TIMEOUT_S).topics.get(name)
+            if topic is not None and topic.error is None and topic.partitions:
+                return len(topic.partitions)
+            if time.monotonic() > deadline:
+                return 0
+            time.sleep(0.2)
 
 
 def run(settings: PipelineSettings) -> int:
