@@ -3,10 +3,16 @@
 HubSpot counts requests per app in a rolling window (by default 190 per 10 s for the tiers
 this project targets); a sliding log of request times keeps the sink under such a limit at
 every instant, where a fixed window would allow twice the limit across a window edge.
+
+The server counts a request when it arrives, which is some time after the client sent it.
+A request is therefore logged when it is sent and logged again, later, when its answer came
+back (:meth:`SlidingWindowLimiter.finished`): the server saw it in between, so a slow request
+can never let a later one reach the server inside the same window.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 
@@ -45,6 +51,14 @@ class SlidingWindowLimiter:
             return wait_s
         self._sent_at_s.append(now_s)
         return 0.0
+
+    def finished(self, sent_s: float, answered_s: float) -> None:
+        """The request sent at ``sent_s`` got its answer at ``answered_s``: count it from then."""
+        try:
+            self._sent_at_s.remove(sent_s)
+        except ValueError:
+            return  # it left the window already
+        bisect.insort(self._sent_at_s, answered_s)
 
     def block_until(self, until_s: float) -> None:
         """No request before ``until_s`` (never shortens an earlier block)."""

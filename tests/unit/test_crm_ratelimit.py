@@ -52,3 +52,21 @@ def test_block_until_holds_every_request_and_never_shortens_a_block() -> None:
 def test_bad_limits_are_refused_early(requests: int, window_s: float) -> None:
     with pytest.raises(ValueError, match="must be"):
         SlidingWindowLimiter(max_requests=requests, window_s=window_s)
+
+
+def test_a_request_counts_until_its_answer_so_a_slow_one_cannot_let_the_next_arrive_early() -> None:
+    limiter = SlidingWindowLimiter(max_requests=2, window_s=10)
+    assert limiter.acquire(0.0) == 0
+    limiter.finished(0.0, 3.0)  # the server may have counted it as late as 3.0
+    assert limiter.acquire(4.0) == 0
+    limiter.finished(4.0, 4.1)
+    assert limiter.acquire(10.0) == pytest.approx(3.0)
+    assert limiter.acquire(13.0) == 0
+
+
+def test_finishing_a_request_that_left_the_window_changes_nothing() -> None:
+    limiter = SlidingWindowLimiter(max_requests=1, window_s=1)
+    assert limiter.acquire(0.0) == 0
+    assert limiter.acquire(2.0) == 0
+    limiter.finished(0.0, 2.5)
+    assert limiter.delay_s(2.9) == pytest.approx(0.1)
