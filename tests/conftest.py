@@ -6,7 +6,7 @@ import pytest
 
 from tests.fixtures.kafka import kafka_broker
 
-pytest_plugins = ["tests.fixtures.bridge"]
+pytest_plugins = ["tests.fixtures.bridge", "tests.fixtures.hubspot", "tests.fixtures.crm_sink"]
 
 
 @pytest.fixture(scope="session")
