@@ -22,11 +22,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
 from bridge.errors import WifiBridgeError
-
-DAY_S: Final = 86_400
 
 
 class Skip(StrEnum):

@@ -180,21 +180,20 @@ class CrmSink:
             self._metrics.skipped_records.labels(reason=reason.value).inc(count)
 
         delivery = await self._deliver(plan.upserts)
+        # What the CRM took is marked at once, so a re-read of an unfinished batch skips it.
+        self._store.save_marks(
+            [m for upsert in delivery.accepted for m in upsert.marks_if_accepted(known)]
+        )
+        self._metrics.contacts_upserted.labels(crm=self._crm.name).inc(len(delivery.accepted))
         if not delivery.complete:
-            # Stopping: what the CRM took is marked (a re-read skips it); nothing is committed.
-            accepted = [m for u in delivery.accepted for m in u.marks_if_accepted(known)]
-            self._store.save_marks(accepted)
-            self._metrics.contacts_upserted.labels(crm=self._crm.name).inc(len(accepted))
             return False
         for upsert, status, detail in delivery.rejected:
             dead.append(DeadLetter(records[upsert.login.ref], "crm_rejected", detail, status))
         if dead and not await self._dead_letter(dead):
             return False
-
-        marks = [m for upsert in delivery.accepted for m in upsert.marks_if_accepted(known)]
-        marks += [m for upsert, _, _ in delivery.rejected for m in upsert.marks_if_rejected(known)]
-        self._store.save_marks(marks)
-        self._metrics.contacts_upserted.labels(crm=self._crm.name).inc(len(delivery.accepted))
+        self._store.save_marks(
+            [m for upsert, _, _ in delivery.rejected for m in upsert.marks_if_rejected(known)]
+        )
         log.info(
             "batch synced",
             extra={

@@ -102,6 +102,23 @@ async def test_partial_failure_sends_only_the_rejected_records_to_the_dlq(
     assert await sink.metric("wifi_crm_retries_total", reason="record_retryable") == 1
 
 
+async def test_a_contact_that_fails_its_whole_batch_is_isolated_and_alone_dead_lettered(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    records = logins_of(10, prefix="bisect")
+    poison = records[6]["user"]["email"]
+    fake = await hubspot_server(poison={poison})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    sink = await crm_sink.start(**hubspot_env(fake))
+    await eventually(lambda: fake.synced == emails(records) - {poison}, what="the rest synced")
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=1, settle_s=1.0)
+    assert [orjson.loads(letter.value)["user"]["email"] for letter in dead] == [poison]
+    assert dict(dead[0].headers)["crm-status"] == b"400"
+    assert b"Email address is invalid" in dict(dead[0].headers)["dlq-detail"]
+    await settled(sink, 10)
+    assert set(fake.upserts.values()) == {1}
+
+
 async def test_two_logins_of_a_user_within_the_min_interval_produce_one_upsert(
     kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
 ) -> None:
