@@ -22,7 +22,7 @@ import random
 import signal
 import sqlite3
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -36,6 +36,7 @@ from bridge.errors import ConfigError
 from bridge.kafka import TopicSpec, client_options, ensure_topics
 from consumers.sinks.contacts import (
     Login,
+    SyncMark,
     UnreadableRecord,
     Upsert,
     chunks,
@@ -179,12 +180,7 @@ class CrmSink:
         for reason, count in plan.skipped.items():
             self._metrics.skipped_records.labels(reason=reason.value).inc(count)
 
-        delivery = await self._deliver(plan.upserts)
-        # What the CRM took is marked at once, so a re-read of an unfinished batch skips it.
-        self._store.save_marks(
-            [m for upsert in delivery.accepted for m in upsert.marks_if_accepted(known)]
-        )
-        self._metrics.contacts_upserted.labels(crm=self._crm.name).inc(len(delivery.accepted))
+        delivery = await self._deliver(plan.upserts, known)
         if not delivery.complete:
             return False
         for upsert, status, detail in delivery.rejected:
@@ -207,7 +203,7 @@ class CrmSink:
         )
         return True
 
-    async def _deliver(self, upserts: list[Upsert]) -> Delivery:
+    async def _deliver(self, upserts: list[Upsert], known: Mapping[str, SyncMark]) -> Delivery:
         """Every upsert accepted or rejected for good (``complete``), unless stopped first.
 
         A request the CRM refuses as a whole is split in halves until the contacts at fault
@@ -252,7 +248,12 @@ class CrmSink:
             self._metrics.crm_available.set(1)
             clean = not result.rejected and not result.retry
             self._metrics.batches.labels(crm=crm, outcome="accepted" if clean else "partial").inc()
-            delivery.accepted += [by_email[contact.email] for contact in result.accepted]
+            accepted = [by_email[contact.email] for contact in result.accepted]
+            # Marked as soon as the CRM answered, so a crash or a stop re-sends at most the
+            # request in flight.
+            self._store.save_marks([m for u in accepted for m in u.marks_if_accepted(known)])
+            self._metrics.contacts_upserted.labels(crm=crm).inc(len(accepted))
+            delivery.accepted += accepted
             delivery.rejected += [
                 (by_email[r.contact.email], r.status, r.detail) for r in result.rejected
             ]
