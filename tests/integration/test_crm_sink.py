@@ -10,13 +10,18 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from tests.fixtures.canonical import BASE, DAY_MS, HOUR_MS, canonical_login, produce_logins
 from tests.fixtures.crm_sink import CrmTopics, RunningSink, SinkRunner, eventually
 from tests.fixtures.hubspot import FakeHubSpot, StartHubSpot
-from tests.fixtures.kafka import consume
+from tests.fixtures.kafka import consume, unique_topic
 
 pytestmark = pytest.mark.kafka
+
+
+class _Abort(Exception):
+    """Raised inside a transaction to abort it."""
 
 
 def hubspot_env(fake: FakeHubSpot, **overrides: str) -> dict[str, str]:
@@ -100,6 +105,8 @@ async def test_partial_failure_sends_only_the_rejected_records_to_the_dlq(
     await settled(sink, 12)
     assert await sink.metric("wifi_crm_rejected_records_total", reason="crm_rejected") == 2
     assert await sink.metric("wifi_crm_retries_total", reason="record_retryable") == 1
+    samples = (await sink.metrics_text()).splitlines()
+    assert not [line for line in samples if "@" in line], "personal data in a metric label"
 
 
 async def test_a_contact_that_fails_its_whole_batch_is_isolated_and_alone_dead_lettered(
@@ -117,6 +124,42 @@ async def test_a_contact_that_fails_its_whole_batch_is_isolated_and_alone_dead_l
     assert b"Email address is invalid" in dict(dead[0].headers)["dlq-detail"]
     await settled(sink, 10)
     assert set(fake.upserts.values()) == {1}
+
+
+async def test_records_of_an_aborted_transaction_are_never_synced(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    committed = logins_of(3, prefix="committed")
+    aborted = logins_of(2, prefix="aborted")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [])  # creates the topic
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=unique_topic("pipeline")
+    )
+    await producer.start()
+
+    async def send(records: list[dict[str, Any]]) -> None:
+        for record in records:
+            key = record["user"]["id"].encode()
+            await producer.send(crm_topics.visits, key=key, value=orjson.dumps(record))
+        await producer.flush()
+
+    async def abort_after(records: list[dict[str, Any]]) -> None:
+        async with producer.transaction():
+            await send(records)
+            raise _Abort
+
+    try:
+        with pytest.raises(_Abort):
+            await abort_after(aborted)
+        async with producer.transaction():
+            await send(committed)
+    finally:
+        await producer.stop()
+    fake = await hubspot_server()
+    sink = await crm_sink.start(**hubspot_env(fake))
+    await eventually(lambda: fake.synced == emails(committed), what="committed ones synced")
+    await settled(sink, 3)
+    assert fake.synced == emails(committed)
 
 
 async def test_two_logins_of_a_user_within_the_min_interval_produce_one_upsert(
@@ -248,6 +291,8 @@ async def test_sigkilled_sink_restarted_loses_no_contact(
     second = await spawn_crm_sink(**{**env, "CRM_GROUP_ID": first.env["CRM_GROUP_ID"]})
     await eventually(lambda: fake.synced == emails(records), timeout_s=60, what="all synced")
     await settled(second, 1)
+    for sink in (first, second):
+        assert "@example.com" not in sink.logs(), "a log line carries an e-mail address"
     duplicates = sum(count - 1 for count in fake.upserts.values())
     # At least once towards an HTTP CRM: at most the request in flight when the process died
     # is sent again (an upsert by e-mail address is idempotent in the CRM).
