@@ -238,6 +238,13 @@ def plan_upserts(
     return Plan(upserts=upserts, skipped=skipped)
 
 
+def chunks(items: Sequence[Upsert], size: int) -> list[list[Upsert]]:
+    """``items`` in consecutive lists of at most ``size``."""
+    if size < 1:
+        raise ValueError("size must be >= 1")
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
 # --------------------------------------------------------------------------------------------
 # Reading fields
 
@@ -288,10 +295,3 @@ def _visit_count(value: Any) -> int | None:
             raise UnreadableRecord("visitCounts has a count that is not a whole number >= 0")
         total += count
     return total
-
-
-def chunks(items: Sequence[Upsert], size: int) -> list[list[Upsert]]:
-    """``items`` in consecutive lists of at most ``size``."""
-    if size < 1:
-        raise ValueError("size must be >= 1")
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
