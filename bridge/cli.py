@@ -14,11 +14,13 @@ from bridge.config import Option
 from bridge.errors import ConfigError, WifiBridgeError
 from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings, KafkaSettings
 from consumers.pipeline.settings import PIPELINE_OPTIONS, PipelineSettings
+from consumers.sinks.crm_settings import CRM_OPTIONS
 
 SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
     ("Kafka (every service)", KAFKA_OPTIONS),
     ("Receiver (`wifi-bridge serve`)", BRIDGE_OPTIONS),
     ("Pipeline (`wifi-bridge pipeline`)", PIPELINE_OPTIONS),
+    ("CRM sink (`wifi-bridge sink crm`)", CRM_OPTIONS),
 )
 
 
@@ -89,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator.cli import add_arguments
 
     add_arguments(simulate)
+    sink = commands.add_parser("sink", help="run a sink of the canonical login topics")
+    sinks = sink.add_subparsers(dest="sink", required=True, metavar="SINK")
+    crm = sinks.add_parser(
+        "crm",
+        help="upsert visitors as CRM contacts (HubSpot, a signed webhook, or a local outbox)",
+        description="Read canonical login records and upsert each visitor as a CRM contact, "
+        "at most once per CRM_MIN_INTERVAL_S. Every flag mirrors the environment variable "
+        "named in its help; a flag wins over the variable.",
+    )
+    config.add_options(crm, "Kafka", KAFKA_OPTIONS)
+    config.add_options(crm, "CRM sink", CRM_OPTIONS)
 
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
@@ -107,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulator.cli import run as simulate
 
         return simulate(args)
+    if args.command == "sink" and args.sink == "crm":
+        return _sink_crm(args)
     try:
         settings = BridgeSettings.load(args, os.environ)
     except ConfigError as exc:
@@ -151,6 +166,27 @@ def _spool(args: argparse.Namespace) -> int:
         return 2
     except WifiBridgeError as exc:
         print(f"wifi-bridge: {exc}", file=sys.stderr)
+        return 1
+
+
+def _sink_crm(args: argparse.Namespace) -> int:
+    from consumers.sinks.crm_settings import CrmSettings
+
+    try:
+        settings = CrmSettings.load(args, os.environ)
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level=settings.log_level, log_format=settings.log_format)
+    from consumers.sinks.crm import run
+
+    try:
+        return run(settings)
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the metrics port is taken
+        print(f"wifi-bridge: cannot run the CRM sink: {exc}", file=sys.stderr)
         return 1
 
 

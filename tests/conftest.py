@@ -6,7 +6,12 @@ import pytest
 
 from tests.fixtures.kafka import kafka_broker
 
-pytest_plugins = ["tests.fixtures.bridge", "tests.fixtures.pipeline"]
+pytest_plugins = [
+    "tests.fixtures.bridge",
+    "tests.fixtures.pipeline",
+    "tests.fixtures.hubspot",
+    "tests.fixtures.crm_sink",
+]
 
 
 @pytest.fixture(scope="session")

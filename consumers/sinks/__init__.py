@@ -1,0 +1,1 @@
+"""Sinks: services that read canonical login records from Kafka and write them elsewhere."""

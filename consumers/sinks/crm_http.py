@@ -1,0 +1,104 @@
+"""HTTP plumbing the CRM adapters share: one session, the rate limit, timing, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from consumers.sinks.crm_metrics import CrmMetrics
+from consumers.sinks.crm_port import CrmBatchRejected, CrmUnavailable, truncate_detail
+from consumers.sinks.crm_retry import RetryReason, Verdict, classify_status, parse_retry_after
+from consumers.sinks.ratelimit import SlidingWindowLimiter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    text: str
+
+
+class HttpClient:
+    """POSTs JSON bodies within a rate limit; raises the CRM port's errors for failures.
+
+    A 2xx answer (including 207) is returned; 429, 5xx, 401/403, timeouts and connection
+    errors raise :class:`CrmUnavailable` (a 429's ``Retry-After`` also blocks the limiter);
+    any other status raises :class:`CrmBatchRejected` with the answer's text.
+    """
+
+    def __init__(
+        self,
+        *,
+        crm: str,
+        limiter: SlidingWindowLimiter,
+        metrics: CrmMetrics,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        self._crm = crm
+        self._limiter = limiter
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+        while True:
+            sent_s = self._clock()
+            wait_s = self._limiter.acquire(sent_s)
+            if wait_s <= 0:
+                break
+            await asyncio.sleep(wait_s)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        started = time.perf_counter()
+        try:
+            async with self._session.post(url, data=body, headers=dict(headers)) as response:
+                text = await response.text(errors="replace")
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError:
+            raise CrmUnavailable(
+                f"{self._crm} did not answer in time", reason=RetryReason.TIMEOUT
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise CrmUnavailable(
+                f"cannot reach {self._crm}: {type(exc).__name__}",
+                reason=RetryReason.CONNECTION_ERROR,
+            ) from None
+        finally:
+            self._limiter.finished(sent_s, self._clock())
+            self._metrics.request_seconds.labels(crm=self._crm).observe(
+                time.perf_counter() - started
+            )
+        verdict, reason = classify_status(status)
+        if verdict is Verdict.ACCEPTED:
+            return Answer(status, text)
+        if verdict is Verdict.RETRY:
+            assert reason is not None
+            retry_after_s = parse_retry_after(retry_after, now_epoch_s=time.time())
+            if status == 429:
+                self._limiter.block_until(self._clock() + (retry_after_s or 1.0))
+            if reason is RetryReason.UNAUTHORIZED:
+                log.error("the CRM refuses the credentials", extra={"crm": self._crm})
+            raise CrmUnavailable(
+                f"{self._crm} answered {status}", reason=reason, retry_after_s=retry_after_s
+            )
+        raise CrmBatchRejected(
+            f"{self._crm} refused the request with {status}",
+            status=status,
+            detail=truncate_detail(text),
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

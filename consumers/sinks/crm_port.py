@@ -1,0 +1,98 @@
+"""The port every CRM adapter implements, what it answers, and the errors it raises.
+
+An adapter makes **one attempt** to upsert at most ``max_batch_size`` contacts and says what
+became of each; retries, backoff and the dead-letter topic are the service shell's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bridge.errors import WifiBridgeError
+from consumers.sinks.contacts import Contact
+from consumers.sinks.crm_retry import RetryReason
+
+#: The longest CRM answer kept with a rejected record (dead-letter header), in bytes.
+MAX_DETAIL_BYTES = 2048
+
+
+class CrmError(WifiBridgeError):
+    """Root of the CRM adapters' errors."""
+
+    code = "crm_error"
+
+
+class CrmUnavailable(CrmError):
+    """The CRM did not take the request now; the same request may be tried again later.
+
+    ``retry_after_s`` is the server's own advice (``Retry-After``) when it gave one.
+    """
+
+    code = "crm_unavailable"
+    retryable = True
+
+    def __init__(
+        self, message: str, *, reason: RetryReason, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class CrmBatchRejected(CrmError):
+    """The CRM refused the request as a whole (e.g. 400): retrying it unchanged cannot help.
+
+    The shell splits the batch to find the records at fault; a single contact rejected this
+    way goes to the dead-letter topic with ``status`` and ``detail`` (the CRM's answer).
+    """
+
+    code = "crm_rejected"
+
+    def __init__(self, message: str, *, status: int, detail: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A contact the CRM refused for good, with its answer (kept in the dead-letter topic)."""
+
+    contact: Contact
+    status: int
+    detail: str
+
+
+@dataclass(slots=True)
+class UpsertResult:
+    """What became of each contact of one request: every contact is in exactly one list."""
+
+    accepted: list[Contact] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    retry: list[Contact] = field(default_factory=list)
+
+
+class Crm(Protocol):
+    """Where contacts go. ``name`` is a metric label (``hubspot``, ``webhook``, ``outbox``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    async def upsert(self, contacts: Sequence[Contact]) -> UpsertResult:
+        """One attempt; raises :class:`CrmUnavailable` or :class:`CrmBatchRejected`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def truncate_detail(text: str) -> str:
+    """The CRM's answer cut to :data:`MAX_DETAIL_BYTES` (on a UTF-8 boundary)."""
+    data = text.encode()
+    if len(data) <= MAX_DETAIL_BYTES:
+        return text
+    return data[:MAX_DETAIL_BYTES].decode(errors="ignore")

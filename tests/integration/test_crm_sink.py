@@ -1,0 +1,323 @@
+"""The CRM sink against a real broker and a local server that follows HubSpot's contract."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.fixtures.canonical import BASE, DAY_MS, HOUR_MS, canonical_login, produce_logins
+from tests.fixtures.crm_sink import CrmTopics, RunningSink, SinkRunner, eventually
+from tests.fixtures.hubspot import FakeHubSpot, StartHubSpot
+from tests.fixtures.kafka import consume, unique_topic
+
+pytestmark = pytest.mark.kafka
+
+
+class _Abort(Exception):
+    """Raised inside a transaction to abort it."""
+
+
+def hubspot_env(fake: FakeHubSpot, **overrides: str) -> dict[str, str]:
+    return {
+        "CRM_TARGET": "hubspot",
+        "CRM_HUBSPOT_BASE_URL": fake.url,
+        "CRM_HUBSPOT_TOKEN": fake.token,
+        **overrides,
+    }
+
+
+def logins_of(count: int, *, prefix: str = "visitor") -> list[dict[str, Any]]:
+    return [canonical_login(email=f"{prefix}{n}@example.com") for n in range(count)]
+
+
+def emails(records: list[dict[str, Any]]) -> set[str]:
+    return {r["user"]["email"] for r in records}
+
+
+async def settled(sink: RunningSink, records: int) -> None:
+    """Until the sink has read ``records`` records and committed them (lag 0)."""
+
+    async def done() -> bool:
+        read = await sink.metric("wifi_crm_records_total")
+        return read >= records and await sink.metric("wifi_crm_consumer_lag_records") == 0
+
+    await eventually(done, timeout_s=60, what=f"{records} records read and committed")
+
+
+async def test_crm_outage_ends_with_every_contact_synced_exactly_once(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server()
+    sink = await crm_sink.start(**hubspot_env(fake))
+    before = logins_of(10, prefix="before")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, before)
+    await eventually(lambda: fake.synced == emails(before), what="first logins synced")
+
+    outage_s = 3.0
+    fake.outage(outage_s)
+    during = logins_of(30, prefix="during")
+    started = asyncio.get_running_loop().time()
+    await produce_logins(kafka_bootstrap, crm_topics.visits, during[:20])
+    await produce_logins(kafka_bootstrap, crm_topics.late, during[20:])
+    await eventually(
+        lambda: fake.synced == emails(before + during), timeout_s=60, what="all synced"
+    )
+    assert asyncio.get_running_loop().time() - started >= outage_s - 0.5
+    await settled(sink, 40)
+    assert fake.statuses[503] >= 2, "the outage was never seen"
+    assert set(fake.upserts.values()) == {1}, "a contact was upserted more than once"
+    assert await sink.metric("wifi_crm_retries_total", reason="server_error") >= 2
+    assert await sink.metric("wifi_crm_contacts_upserted_total") == 40
+
+
+async def test_partial_failure_sends_only_the_rejected_records_to_the_dlq(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    records = logins_of(12, prefix="partial")
+    bad = {records[2]["user"]["email"], records[7]["user"]["email"]}
+    flaky = records[5]["user"]["email"]
+    fake = await hubspot_server(
+        reject={email: "Property values were not valid" for email in bad}, fail_once={flaky}
+    )
+    sink = await crm_sink.start(**hubspot_env(fake))
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+
+    await eventually(lambda: fake.synced == emails(records) - bad, what="good ones synced")
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=2, settle_s=1.5)
+    assert len(dead) == 2
+    assert {orjson.loads(letter.value)["user"]["email"] for letter in dead} == bad
+    for letter in dead:
+        headers = dict(letter.headers)
+        assert headers["dlq-reason"] == b"crm_rejected"
+        assert headers["crm"] == b"hubspot"
+        assert headers["crm-status"] == b"207"
+        assert b"Property values were not valid" in headers["dlq-detail"]
+        assert headers["event-id"] in {r["eventId"].encode() for r in records}
+    assert fake.upserts[flaky] == 1
+    assert fake.statuses[207] >= 1
+    await settled(sink, 12)
+    assert await sink.metric("wifi_crm_rejected_records_total", reason="crm_rejected") == 2
+    assert await sink.metric("wifi_crm_retries_total", reason="record_retryable") == 1
+    samples = (await sink.metrics_text()).splitlines()
+    assert not [line for line in samples if "@" in line], "personal data in a metric label"
+
+
+async def test_a_contact_that_fails_its_whole_batch_is_isolated_and_alone_dead_lettered(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    records = logins_of(10, prefix="bisect")
+    poison = records[6]["user"]["email"]
+    fake = await hubspot_server(poison={poison})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    sink = await crm_sink.start(**hubspot_env(fake))
+    await eventually(lambda: fake.synced == emails(records) - {poison}, what="the rest synced")
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=1, settle_s=1.0)
+    assert [orjson.loads(letter.value)["user"]["email"] for letter in dead] == [poison]
+    assert dict(dead[0].headers)["crm-status"] == b"400"
+    assert b"Email address is invalid" in dict(dead[0].headers)["dlq-detail"]
+    await settled(sink, 10)
+    assert set(fake.upserts.values()) == {1}
+
+
+async def test_records_of_an_aborted_transaction_are_never_synced(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    committed = logins_of(3, prefix="committed")
+    aborted = logins_of(2, prefix="aborted")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [])  # creates the topic
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=unique_topic("pipeline")
+    )
+    await producer.start()
+
+    async def send(records: list[dict[str, Any]]) -> None:
+        for record in records:
+            key = record["user"]["id"].encode()
+            await producer.send(crm_topics.visits, key=key, value=orjson.dumps(record))
+        await producer.flush()
+
+    async def abort_after(records: list[dict[str, Any]]) -> None:
+        async with producer.transaction():
+            await send(records)
+            raise _Abort
+
+    try:
+        with pytest.raises(_Abort):
+            await abort_after(aborted)
+        async with producer.transaction():
+            await send(committed)
+    finally:
+        await producer.stop()
+    fake = await hubspot_server()
+    sink = await crm_sink.start(**hubspot_env(fake))
+    await eventually(lambda: fake.synced == emails(committed), what="committed ones synced")
+    await settled(sink, 3)
+    assert fake.synced == emails(committed)
+
+
+async def test_two_logins_of_a_user_within_the_min_interval_produce_one_upsert(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server()
+    sink = await crm_sink.start(**hubspot_env(fake))
+    same_day = [
+        canonical_login(user_id=71, email="twice@example.com", offset_ms=0),
+        canonical_login(user_id=71, email="twice@example.com", offset_ms=3 * HOUR_MS),
+    ]
+    next_day = [
+        canonical_login(user_id=72, email="daily@example.com", offset_ms=0),
+        canonical_login(user_id=72, email="daily@example.com", offset_ms=DAY_MS + HOUR_MS),
+    ]
+    hidden = [canonical_login(user_id=73, email=None)]
+    # One at a time, so the second login of each user is a batch of its own.
+    for first, second in zip(same_day, next_day, strict=True):
+        await produce_logins(kafka_bootstrap, crm_topics.visits, [first, second])
+        await eventually(lambda: fake.upserts["daily@example.com"] >= 1, what="first synced")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, hidden)
+    await settled(sink, 5)
+    await asyncio.sleep(0.5)
+    assert fake.upserts == {"twice@example.com": 1, "daily@example.com": 2}
+    last_visit_ms = int(BASE.timestamp() * 1000) + DAY_MS + HOUR_MS
+    assert fake.contacts["daily@example.com"]["wifi_last_visit_at"] == str(last_visit_ms)
+    assert await sink.metric("wifi_crm_skipped_records_total", reason="throttled") == 1
+    assert await sink.metric("wifi_crm_skipped_records_total", reason="no_email") == 1
+
+
+async def test_replaying_the_topic_from_the_beginning_sends_nothing_new(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server()
+    records = logins_of(15, prefix="replay")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    first = await crm_sink.start(**hubspot_env(fake))
+    await eventually(lambda: fake.synced == emails(records), what="synced once")
+    await settled(first, 15)
+    await crm_sink.stop(first)
+    requests = sum(fake.statuses.values())
+
+    # A new consumer group reads everything again: the replay an operator would run.
+    replay = await crm_sink.start(**hubspot_env(fake, CRM_GROUP_ID="replay-from-start"))
+    await settled(replay, 15)
+    assert sum(fake.statuses.values()) == requests, "the replay sent requests to the CRM"
+    assert await replay.metric("wifi_crm_skipped_records_total", reason="stale") == 15
+    assert set(fake.upserts.values()) == {1}
+
+
+async def test_batches_stay_within_hubspots_limit_and_429_retry_after_is_honoured(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # The server allows 3 requests a second; the sink is told it may send 20 (a wrong setting):
+    # it must meet the 429s, wait as told, and still sync every contact once.
+    fake = await hubspot_server(rate_limit=3, window_s=1.0)
+    sink = await crm_sink.start(
+        **hubspot_env(
+            fake,
+            CRM_BATCH_SIZE="5",
+            CRM_RATE_LIMIT_REQUESTS="20",
+            CRM_RATE_LIMIT_WINDOW_S="1",
+        )
+    )
+    records = logins_of(60, prefix="limited")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    await eventually(lambda: fake.synced == emails(records), timeout_s=60, what="all synced")
+    await settled(sink, 60)
+    assert max(fake.batch_sizes) <= 5
+    assert fake.statuses[400] == 0
+    assert fake.statuses[429] >= 1
+    assert fake.requests_while_blocked == 0, "a request came before Retry-After had passed"
+    assert set(fake.upserts.values()) == {1}
+    assert await sink.metric("wifi_crm_retries_total", reason="rate_limited") >= 1
+
+
+async def test_a_sink_within_the_rate_limit_never_meets_a_429(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server(rate_limit=4, window_s=1.0)
+    sink = await crm_sink.start(
+        **hubspot_env(
+            fake, CRM_BATCH_SIZE="5", CRM_RATE_LIMIT_REQUESTS="4", CRM_RATE_LIMIT_WINDOW_S="1"
+        )
+    )
+    records = logins_of(40, prefix="paced")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    await eventually(lambda: fake.synced == emails(records), timeout_s=60, what="all synced")
+    await settled(sink, 40)
+    assert fake.statuses[429] == 0
+    assert len(fake.batch_sizes) >= 8
+
+
+async def test_no_crm_configured_writes_the_outbox_idempotently(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, tmp_path: Path
+) -> None:
+    records = logins_of(8, prefix="outbox")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    sink = await crm_sink.start()
+    assert sink.settings.target == "outbox"
+    await settled(sink, 8)
+    await crm_sink.stop(sink)
+    again = await crm_sink.start(CRM_GROUP_ID="outbox-replay")
+    await settled(again, 8)
+
+    with sqlite3.connect(sink.settings.state_db) as db:
+        rows = db.execute("SELECT email, contact FROM crm_outbox").fetchall()
+    assert sorted(email for email, _ in rows) == sorted(emails(records))
+    assert await again.metric("wifi_crm_contacts_upserted_total", crm="outbox") == 0
+
+
+async def test_sigkilled_sink_restarted_loses_no_contact(
+    kafka_bootstrap: str,
+    crm_topics: CrmTopics,
+    spawn_crm_sink: Any,
+    hubspot_server: StartHubSpot,
+) -> None:
+    fake = await hubspot_server(delay_s=0.05)
+    env = hubspot_env(fake, CRM_BATCH_SIZE="10", CRM_MAX_POLL_RECORDS="20")
+    records = logins_of(200, prefix="killed")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    first = await spawn_crm_sink(**env)
+    await eventually(lambda: len(fake.synced) >= 50, what="some contacts synced")
+    assert first.process is not None
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    assert len(fake.synced) < 200, "the sink finished before it was killed"
+
+    second = await spawn_crm_sink(**{**env, "CRM_GROUP_ID": first.env["CRM_GROUP_ID"]})
+    await eventually(lambda: fake.synced == emails(records), timeout_s=60, what="all synced")
+    await settled(second, 1)
+    for sink in (first, second):
+        assert "@example.com" not in sink.logs(), "a log line carries an e-mail address"
+    duplicates = sum(count - 1 for count in fake.upserts.values())
+    # At least once towards an HTTP CRM: at most the request in flight when the process died
+    # is sent again (an upsert by e-mail address is idempotent in the CRM).
+    assert duplicates <= 10
+
+
+async def test_sigterm_during_a_crm_outage_exits_0_and_a_successor_syncs_everything(
+    kafka_bootstrap: str,
+    crm_topics: CrmTopics,
+    spawn_crm_sink: Any,
+    hubspot_server: StartHubSpot,
+) -> None:
+    fake = await hubspot_server()
+    fake.outage(3600)
+    env = hubspot_env(fake)
+    records = logins_of(10, prefix="sigterm")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    first = await spawn_crm_sink(**env)
+    await eventually(lambda: fake.statuses[503] >= 2, what="the sink meets the outage")
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.process.wait, 15) == 0
+    assert '"stopped"' in first.logs()
+
+    fake.outage(0)
+    await spawn_crm_sink(**{**env, "CRM_GROUP_ID": first.env["CRM_GROUP_ID"]})
+    await eventually(lambda: fake.synced == emails(records), what="all synced after restart")
+    assert set(fake.upserts.values()) == {1}
