@@ -1,0 +1,1 @@
+"""Services that write the pipeline's canonical records into stores (analytics, CRM)."""
