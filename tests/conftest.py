@@ -6,7 +6,11 @@ import pytest
 
 from tests.fixtures.kafka import kafka_broker
 
-pytest_plugins = ["tests.fixtures.bridge"]
+pytest_plugins = [
+    "tests.fixtures.bridge",
+    "tests.fixtures.postgres",
+    "tests.fixtures.analytics",
+]
 
 
 @pytest.fixture(scope="session")
