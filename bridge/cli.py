@@ -13,10 +13,12 @@ from bridge import __version__, config, logs
 from bridge.config import Option
 from bridge.errors import ConfigError, WifiBridgeError
 from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings, KafkaSettings
+from consumers.sinks.analytics.settings import ANALYTICS_OPTIONS
 
 SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
     ("Kafka (every service)", KAFKA_OPTIONS),
     ("Receiver (`wifi-bridge serve`)", BRIDGE_OPTIONS),
+    ("Analytics sink (`wifi-bridge sink analytics`)", ANALYTICS_OPTIONS),
 )
 
 
@@ -67,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("directory", type=Path)
     config.add_options(drain, "Kafka", KAFKA_OPTIONS)
 
+    sink = commands.add_parser("sink", help="write the pipeline's canonical logins to a store")
+    sinks = sink.add_subparsers(dest="sink_command", required=True, metavar="SINK")
+    analytics = sinks.add_parser(
+        "analytics",
+        help="logins, visits and daily venue figures into PostgreSQL or DuckDB",
+        description="Consume canonical login records and write them, with their offsets, to "
+        "the analytics tables. Every flag mirrors the environment variable named in its help.",
+    )
+    config.add_options(analytics, "Kafka", KAFKA_OPTIONS)
+    config.add_options(analytics, "analytics sink", ANALYTICS_OPTIONS)
+
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
 
@@ -78,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "spool":
         return _spool(args)
+    if args.command == "sink" and args.sink_command == "analytics":
+        return _sink_analytics(args)
     try:
         settings = BridgeSettings.load(args, os.environ)
     except ConfigError as exc:
@@ -110,6 +125,24 @@ def _spool(args: argparse.Namespace) -> int:
         return 2
     except WifiBridgeError as exc:
         print(f"wifi-bridge: {exc}", file=sys.stderr)
+        return 1
+
+
+def _sink_analytics(args: argparse.Namespace) -> int:
+    from consumers.sinks.analytics.settings import AnalyticsSettings
+
+    try:
+        settings = AnalyticsSettings.load(args, os.environ)
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level=settings.log_level, log_format=settings.log_format)
+    from consumers.sinks.analytics.service import run
+
+    try:
+        return run(settings)
+    except OSError as exc:  # e.g. the metrics port is taken
+        print(f"wifi-bridge: cannot run the analytics sink: {exc}", file=sys.stderr)
         return 1
 
 
