@@ -135,3 +135,24 @@ async def test_positions_are_kept_per_consumer_group(analytics_target: Analytics
     await live.write([login(1, 0, "v1")], [Position(TOPIC, 0, claim.epoch, 1)])
     (fresh,) = await replay.claim(TOPIC, [0])
     assert (fresh.epoch, fresh.next_offset) == (1, None)
+
+
+async def test_a_batch_mixing_stored_and_new_logins_adds_only_the_new_ones(
+    analytics_target: AnalyticsTarget,
+) -> None:
+    store = analytics_target.store()
+    (claim,) = await store.claim(TOPIC, [0])
+    stream = known_stream()
+    await store.write(stream[:3], [Position(TOPIC, 0, claim.epoch, 3)])
+    result = await store.write(stream, [Position(TOPIC, 0, claim.epoch, 7)])
+    assert (result.logins_inserted, result.duplicates) == (3, 4)
+    tables = await snapshot(analytics_target.port())
+    assert [(v[0], v[6]) for v in tables["visits"]] == [
+        ("u1-a", 2),
+        ("u1-b", 1),
+        ("u2-a", 2),
+        ("u3-a", 1),
+    ]
+    day = date(2026, 11, 29)
+    assert tables["venue_daily"] == [("4242", day, 5, 2, 3), ("7", day, 1, 1, 1)]
+    await assert_aggregates_match_logins(analytics_target.port())

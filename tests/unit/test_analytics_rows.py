@@ -16,6 +16,7 @@ from consumers.sinks.analytics.rows import (
     aggregate,
     dedupe,
     parse_login,
+    unflagged_visits,
     visitor_days,
 )
 from tests.fixtures.logins import canonical, encoded
@@ -138,7 +139,7 @@ def test_visitor_days_are_distinct_per_venue_and_utc_day() -> None:
         login(2, 0, "v3"),
     ]
     days = visitor_days(logins)
-    assert [(d.venue_id, d.day, d.visitor) for d in days] == [
+    assert days == [
         ("4242", date(2026, 11, 29), "1"),
         ("4242", date(2026, 11, 29), "2"),
         ("7", date(2026, 11, 29), "1"),
@@ -152,9 +153,9 @@ def test_aggregate_counts_logins_new_visits_and_visit_spans() -> None:
     )
     v1, v2 = result.visits
     assert (v1.visit_id, v1.logins, v1.user_id, v1.venue_id) == ("v1", 3, "1", "4242")
-    assert (v1.first_login_ms, v1.last_login_ms) == (
-        logins[0].authentication_ms,
-        logins[1].authentication_ms,
+    assert (v1.first_login_at, v1.last_login_at) == (
+        logins[0].authentication_time,
+        logins[1].authentication_time,
     )
     assert (v2.visit_id, v2.logins) == ("v2", 1)
     (day,) = result.venue_days
@@ -216,3 +217,23 @@ def test_splitting_a_stream_into_batches_gives_the_same_totals() -> None:
         new_visits += sum(d.new_visits for d in part.venue_days)
     assert totals == {v.visit_id: v.logins for v in whole.visits}
     assert new_visits == sum(d.new_visits for d in whole.venue_days) == 10
+
+
+def test_the_pipelines_is_new_flag_decides_which_visits_are_new() -> None:
+    opened = login(1, 5, "v1", is_new=True)
+    continued = login(2, 6, "v2", is_new=False)
+    # Flags win over what the store knows: v2 is unknown but the pipeline says it goes on.
+    result = aggregate([continued, opened], known_visits={"v1"}, new_visitor_days=[])
+    (day,) = result.venue_days
+    assert day.new_visits == 1
+
+
+def test_a_new_visit_flagged_on_a_late_login_counts_on_that_logins_day() -> None:
+    next_day_open = login(1, 0, "v1", is_new=True, hour=23)
+    result = aggregate([next_day_open], known_visits=set(), new_visitor_days=[])
+    assert [(d.day, d.new_visits) for d in result.venue_days] == [(date(2026, 11, 29), 1)]
+
+
+def test_only_visits_without_flags_need_the_store_to_say_whether_they_are_known() -> None:
+    logins = [login(1, 0, "flagged", is_new=True), login(2, 0, "unknown"), login(2, 9, "unknown")]
+    assert unflagged_visits(logins) == ["unknown"]

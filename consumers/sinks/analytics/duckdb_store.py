@@ -9,7 +9,7 @@ PostgreSQL to run several instances).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -89,10 +89,34 @@ class DuckDBPort:
     async def lock_migrations(self) -> None:
         """Nothing to do: DuckDB's file lock already admits one process."""
 
-    async def bulk_insert(self, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
+    async def insert_new(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        key = columns[0]
+        tail = f"ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
+        return [row[0] for row in await self.insert_rows(table, columns, rows, tail)]
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], tail: str
+    ) -> list[tuple[Any, ...]]:
+        """One ``INSERT ... SELECT unnest($1), unnest($2), ...`` of the rows' column lists.
+
+        Without pandas or Arrow, lists bound as parameters are DuckDB's fastest way in from
+        Python objects; its ``executemany`` is one statement per row.
+        """
+        connection = self._open()
+        query = f"{_insert_unnest(table, columns)} {tail}"
+        data = [list(column) for column in zip(*rows, strict=True)]
+        return await self._run(lambda: connection.execute(query, data).fetchall())
+
+    async def bulk_insert(self, table: str, columns: Sequence[str], rows: list[Any]) -> None:
         """Bare bulk insert of ``rows`` (column lists unnested): the benchmark's yardstick."""
         connection = self._open()
-        placeholders = ", ".join(f"unnest(${i})" for i in range(1, len(columns) + 1))
-        query = f"INSERT INTO {table} ({', '.join(columns)}) SELECT {placeholders}"
+        query = _insert_unnest(table, columns)
         data = [list(column) for column in zip(*rows, strict=True)]
         await self._run(lambda: connection.execute(query, data))
+
+
+def _insert_unnest(table: str, columns: Sequence[str]) -> str:
+    values = ", ".join(f"unnest(${i})" for i in range(1, len(columns) + 1))
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, Final
 
@@ -29,15 +29,14 @@ __all__ = [
     "RejectedRecord",
     "VenueDayDelta",
     "VisitDelta",
-    "VisitorDay",
     "aggregate",
     "dedupe",
     "parse_login",
+    "unflagged_visits",
     "visitor_days",
 ]
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_DAY_MS: Final = 86_400_000
 _INSTANT: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 _REQUIRED: Final = (
     "eventId",
@@ -81,14 +80,19 @@ class Login:
 
     ``user_id`` and ``client_mac`` are pseudonymous identifiers (kept so a deletion request can
     find the rows); ``visitor`` is the one that identifies the person for counting: the user id,
-    else the MAC.
+    else ``mac:`` and the MAC. Times are computed once, when the record is parsed:
+    ``authentication_ms`` (epoch milliseconds) orders logins, ``authentication_time`` (aware,
+    UTC) is what the databases store, ``day`` is its UTC date.
     """
 
     event_id: str
     authentication_ms: int
-    received_ms: int | None
+    authentication_time: datetime
+    day: date
+    received_at: datetime | None
     user_id: str | None
     client_mac: str | None
+    visitor: str
     company_id: str | None
     venue_id: str | None
     venue_name: str | None
@@ -96,15 +100,6 @@ class Login:
     visit_id: str | None
     visit_is_new: bool | None
     late: bool
-
-    @property
-    def visitor(self) -> str:
-        # parse_login guarantees one of the two is set.
-        return self.user_id if self.user_id is not None else f"mac:{self.client_mac}"
-
-    @property
-    def day(self) -> date:
-        return utc_day(self.authentication_ms)
 
     def row(self) -> tuple[Any, ...]:
         """The ``logins`` columns in :data:`LOGIN_COLUMNS` order."""
@@ -116,8 +111,8 @@ class Login:
             self.venue_id,
             self.venue_name,
             self.provider,
-            utc_datetime(self.authentication_ms),
-            None if self.received_ms is None else utc_datetime(self.received_ms),
+            self.authentication_time,
+            self.received_at,
             self.visit_id,
             self.visit_is_new,
             self.late,
@@ -141,15 +136,6 @@ LOGIN_COLUMNS: Final = (
 
 
 @dataclass(frozen=True, slots=True)
-class VisitorDay:
-    """One visitor seen at one venue on one UTC day (what "unique visitors" counts)."""
-
-    venue_id: str
-    day: date
-    visitor: str
-
-
-@dataclass(frozen=True, slots=True)
 class VisitDelta:
     """What a batch adds to one ``visits`` row: its span widens, its count grows."""
 
@@ -157,9 +143,32 @@ class VisitDelta:
     user_id: str | None
     client_mac: str | None
     venue_id: str | None
-    first_login_ms: int
-    last_login_ms: int
+    first_login_at: datetime
+    last_login_at: datetime
     logins: int
+
+    def row(self) -> tuple[Any, ...]:
+        """The ``visits`` columns in :data:`VISIT_COLUMNS` order."""
+        return (
+            self.visit_id,
+            self.user_id,
+            self.client_mac,
+            self.venue_id,
+            self.first_login_at,
+            self.last_login_at,
+            self.logins,
+        )
+
+
+VISIT_COLUMNS: Final = (
+    "visit_id",
+    "user_id",
+    "client_mac",
+    "venue_id",
+    "first_login_at",
+    "last_login_at",
+    "logins",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,14 +186,6 @@ class VenueDayDelta:
 class Aggregates:
     visits: tuple[VisitDelta, ...]
     venue_days: tuple[VenueDayDelta, ...]
-
-
-def utc_datetime(epoch_ms: int) -> datetime:
-    return _EPOCH + timedelta(milliseconds=epoch_ms)
-
-
-def utc_day(epoch_ms: int) -> date:
-    return (_EPOCH + timedelta(days=epoch_ms // _DAY_MS)).date()
 
 
 def parse_login(value: bytes | None) -> Login:
@@ -214,11 +215,15 @@ def parse_login(value: bytes | None) -> Login:
 
     event_id = _text(record, "eventId", "eventId", required=True)
     assert event_id is not None
-    authentication_ms = _instant(record, "authenticationTime", required=True)
-    assert authentication_ms is not None
+    authentication_time = _instant(record, "authenticationTime", required=True)
+    assert authentication_time is not None
     user_id = _text(user, "id", "user.id")
     client_mac = _text(client, "mac", "client.mac")
-    if user_id is None and client_mac is None:
+    if user_id is not None:
+        visitor = user_id
+    elif client_mac is not None:
+        visitor = f"mac:{client_mac}"
+    else:
         raise RejectedRecord(Reason.MISSING_FIELD, "neither user.id nor client.mac is set")
     late = record["late"]
     if type(late) is not bool:
@@ -226,12 +231,16 @@ def parse_login(value: bytes | None) -> Login:
     is_new = visit.get("isNew")
     if is_new is not None and type(is_new) is not bool:
         raise RejectedRecord(Reason.BAD_FIELD, "visit.isNew must be a boolean or null")
+    delta = authentication_time - _EPOCH
     return Login(
         event_id=event_id,
-        authentication_ms=authentication_ms,
-        received_ms=_instant(record, "receivedAt"),
+        authentication_ms=(delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000,
+        authentication_time=authentication_time,
+        day=authentication_time.date(),
+        received_at=_instant(record, "receivedAt"),
         user_id=user_id,
         client_mac=client_mac,
+        visitor=visitor,
         company_id=_text(company, "id", "company.id"),
         venue_id=_text(venue, "id", "venue.id"),
         venue_name=_text(venue, "name", "venue.name"),
@@ -250,14 +259,15 @@ def dedupe(logins: Iterable[Login]) -> list[Login]:
     return list(seen.values())
 
 
-def visitor_days(logins: Iterable[Login]) -> list[VisitorDay]:
+def visitor_days(logins: Iterable[Login]) -> list[tuple[str, date, str]]:
     """Distinct (venue, UTC day, visitor) of the logins that have a venue, sorted."""
-    found = {
-        VisitorDay(login.venue_id, login.day, login.visitor)
-        for login in logins
-        if login.venue_id is not None
-    }
-    return sorted(found, key=lambda v: (v.venue_id, v.day, v.visitor))
+    return sorted(
+        {
+            (login.venue_id, login.day, login.visitor)
+            for login in logins
+            if login.venue_id is not None
+        }
+    )
 
 
 def aggregate(
@@ -268,49 +278,78 @@ def aggregate(
 ) -> Aggregates:
     """What the newly ``inserted`` logins add to ``visits`` and ``venue_daily``.
 
-    ``known_visits``: the visit ids of ``inserted`` that already had a ``visits`` row before
-    this batch. ``new_visitor_days``: one (venue, day) pair per visitor of ``inserted`` not
-    counted before at that venue that day (the store learns these from its own insert).
-    A new visit counts on the venue and day of its earliest login in the batch. Deltas come
-    sorted by key, so concurrent writers lock rows in the same order.
+    A visit is new when one of its inserted logins says so (``visit.isNew``, set by the
+    pipeline's visit stage) and counts on that login's venue and day. When the pipeline did not
+    say (``isNew`` null), the visit is new unless it is in ``known_visits`` (the visit ids that
+    already had a ``visits`` row before this batch), and counts on the venue and day of its
+    earliest login in the batch. ``new_visitor_days``: one (venue, day) pair per visitor of
+    ``inserted`` not counted before at that venue that day (the store learns these from its
+    own insert). Deltas come sorted by key, so concurrent writers lock rows in the same order.
     """
-    by_visit: dict[str, list[Login]] = {}
+    visits: dict[str, list[Any]] = {}  # visit id -> [first login, last time, count, flagged]
     days: dict[tuple[str, date], list[int]] = {}  # logins, unique visitors, new visits
 
-    def counters(venue_id: str, day: date) -> list[int]:
-        return days.setdefault((venue_id, day), [0, 0, 0])
-
     for login in inserted:
-        if login.visit_id is not None:
-            by_visit.setdefault(login.visit_id, []).append(login)
         if login.venue_id is not None:
-            counters(login.venue_id, login.day)[0] += 1
+            counts = days.get((login.venue_id, login.day))
+            if counts is None:
+                counts = days[login.venue_id, login.day] = [0, 0, 0]
+            counts[0] += 1
+            if login.visit_is_new and login.visit_id is not None:
+                counts[2] += 1
+        if login.visit_id is None:
+            continue
+        visit = visits.get(login.visit_id)
+        if visit is None:
+            visits[login.visit_id] = [login, login.authentication_time, 1, login.visit_is_new]
+            continue
+        first = visit[0]
+        if (login.authentication_ms, login.event_id) < (first.authentication_ms, first.event_id):
+            visit[0] = login
+        visit[1] = max(visit[1], login.authentication_time)
+        visit[2] += 1
+        if login.visit_is_new is not None:
+            visit[3] = bool(visit[3]) or login.visit_is_new
     for venue_id, day in new_visitor_days:
-        counters(venue_id, day)[1] += 1
+        counts = days.get((venue_id, day))
+        if counts is None:
+            counts = days[venue_id, day] = [0, 0, 0]
+        counts[1] += 1
 
-    visits: list[VisitDelta] = []
-    for visit_id in sorted(by_visit):
-        logins = by_visit[visit_id]
-        first = min(logins, key=lambda login: (login.authentication_ms, login.event_id))
-        visits.append(
+    deltas: list[VisitDelta] = []
+    for visit_id in sorted(visits):
+        first, last_at, count, flagged = visits[visit_id]
+        deltas.append(
             VisitDelta(
                 visit_id=visit_id,
                 user_id=first.user_id,
                 client_mac=first.client_mac,
                 venue_id=first.venue_id,
-                first_login_ms=first.authentication_ms,
-                last_login_ms=max(login.authentication_ms for login in logins),
-                logins=len(logins),
+                first_login_at=first.authentication_time,
+                last_login_at=last_at,
+                logins=count,
             )
         )
-        if visit_id not in known_visits and first.venue_id is not None:
-            counters(first.venue_id, first.day)[2] += 1
+        if flagged is None and visit_id not in known_visits and first.venue_id is not None:
+            days[first.venue_id, first.day][2] += 1
 
     venue_days = tuple(
         VenueDayDelta(venue_id, day, logins=c[0], unique_visitors=c[1], new_visits=c[2])
         for (venue_id, day), c in sorted(days.items())
     )
-    return Aggregates(visits=tuple(visits), venue_days=venue_days)
+    return Aggregates(visits=tuple(deltas), venue_days=venue_days)
+
+
+def unflagged_visits(inserted: Iterable[Login]) -> list[str]:
+    """Visit ids whose logins do not say whether they opened the visit (``isNew`` null)."""
+    flagged = {login.visit_id for login in inserted if login.visit_is_new is not None}
+    return sorted(
+        {
+            login.visit_id
+            for login in inserted
+            if login.visit_id is not None and login.visit_id not in flagged
+        }
+    )
 
 
 def _section(record: dict[str, Any], name: str) -> dict[str, Any]:
@@ -331,7 +370,7 @@ def _text(section: dict[str, Any], name: str, path: str, *, required: bool = Fal
     return value
 
 
-def _instant(record: dict[str, Any], name: str, *, required: bool = False) -> int | None:
+def _instant(record: dict[str, Any], name: str, *, required: bool = False) -> datetime | None:
     value = record.get(name)
     if value is None and not required:
         return None
@@ -340,8 +379,6 @@ def _instant(record: dict[str, Any], name: str, *, required: bool = False) -> in
             Reason.BAD_FIELD, f"{name} must be a UTC time like 2018-01-18T13:27:08.000Z"
         )
     try:
-        moment = datetime.fromisoformat(value)
+        return datetime.fromisoformat(value)
     except ValueError:
         raise RejectedRecord(Reason.BAD_FIELD, f"{name} is not a valid date and time") from None
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000

@@ -2,7 +2,9 @@
 
 The algorithm is written once against :class:`SqlPort`, a few async calls that PostgreSQL
 (:mod:`.postgres`) and DuckDB (:mod:`.duckdb_store`) each implement; the SQL is the dialect the
-two share (``$n`` parameters, ``unnest`` of array parameters, ``ON CONFLICT``, ``RETURNING``).
+two share (``$n`` parameters, ``unnest`` of array parameters, ``ON CONFLICT``, ``RETURNING``),
+and each adapter loads a batch's rows its own fastest way (PostgreSQL: binary ``COPY`` into a
+staging table; DuckDB: column lists).
 
 One batch is one database transaction:
 
@@ -28,11 +30,12 @@ from typing import Any, Final, Protocol
 from bridge.errors import WifiBridgeError
 from consumers.sinks.analytics.rows import (
     LOGIN_COLUMNS,
+    VISIT_COLUMNS,
     Aggregates,
     Login,
     aggregate,
     dedupe,
-    utc_datetime,
+    unflagged_visits,
     visitor_days,
 )
 
@@ -128,6 +131,23 @@ class SqlPort(Protocol):
     async def lock_migrations(self) -> None:
         """Serialise concurrent migrations (inside the migration transaction)."""
 
+    async def insert_new(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Insert the rows whose key (the first column, the primary key) is not in ``table``.
+
+        Returns the keys it inserted: a row whose key is there already is left alone.
+        """
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], tail: str
+    ) -> list[tuple[Any, ...]]:
+        """``INSERT INTO table (columns) <rows> tail``, in bulk; returns what ``tail`` returns.
+
+        ``tail`` is the statement's ``ON CONFLICT ... [RETURNING ...]`` clause; inside it the
+        target table is referred to by its name. Each adapter loads the rows its fastest way.
+        """
+
 
 # Column types both databases know by these names.
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
@@ -187,39 +207,22 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     ),
 )
 
-_INSERT_LOGINS: Final = (
-    f"INSERT INTO logins ({', '.join(LOGIN_COLUMNS)}) SELECT "
-    "unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), "
-    "unnest($5::text[]), unnest($6::text[]), unnest($7::text[]), unnest($8::timestamptz[]), "
-    "unnest($9::timestamptz[]), unnest($10::text[]), unnest($11::boolean[]), "
-    "unnest($12::boolean[]) "
-    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-)
-_INSERT_VISITOR_DAYS: Final = (
-    "INSERT INTO venue_daily_visitors (venue_id, day, visitor) "
-    "SELECT unnest($1::text[]), unnest($2::date[]), unnest($3::text[]) "
+_VISITOR_DAYS_TAIL: Final = (
     "ON CONFLICT (venue_id, day, visitor) DO NOTHING RETURNING venue_id, day"
 )
-_KNOWN_VISITS: Final = "SELECT visit_id FROM visits WHERE visit_id IN (SELECT unnest($1::text[]))"
-_UPSERT_VISITS: Final = (
-    "INSERT INTO visits "
-    "(visit_id, user_id, client_mac, venue_id, first_login_at, last_login_at, logins) "
-    "SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), "
-    "unnest($5::timestamptz[]), unnest($6::timestamptz[]), unnest($7::bigint[]) "
+_VISITS_TAIL: Final = (
     "ON CONFLICT (visit_id) DO UPDATE SET "
     "first_login_at = least(visits.first_login_at, excluded.first_login_at), "
     "last_login_at = greatest(visits.last_login_at, excluded.last_login_at), "
     "logins = visits.logins + excluded.logins"
 )
-_UPSERT_VENUE_DAYS: Final = (
-    "INSERT INTO venue_daily (venue_id, day, logins, unique_visitors, new_visits) "
-    "SELECT unnest($1::text[]), unnest($2::date[]), unnest($3::bigint[]), "
-    "unnest($4::bigint[]), unnest($5::bigint[]) "
+_VENUE_DAYS_TAIL: Final = (
     "ON CONFLICT (venue_id, day) DO UPDATE SET "
     "logins = venue_daily.logins + excluded.logins, "
     "unique_visitors = venue_daily.unique_visitors + excluded.unique_visitors, "
     "new_visits = venue_daily.new_visits + excluded.new_visits"
 )
+_KNOWN_VISITS: Final = "SELECT visit_id FROM visits WHERE visit_id IN (SELECT unnest($1::text[]))"
 _ADVANCE_OFFSETS: Final = (
     "UPDATE sink_offsets SET next_offset = v.next_offset FROM ("
     "SELECT unnest($1::text[]) AS topic, unnest($2::integer[]) AS part, "
@@ -353,51 +356,40 @@ class AnalyticsStore:
     async def _insert_logins(self, logins: Sequence[Login]) -> list[Login]:
         if not logins:
             return []
-        columns = list(zip(*(login.row() for login in logins), strict=True))
-        rows = await self._sql.fetch(_INSERT_LOGINS, *(list(c) for c in columns))
-        new_ids = {row[0] for row in rows}
-        return [login for login in logins if login.event_id in new_ids]
+        rows = [login.row() for login in logins]
+        new_ids = await self._sql.insert_new("logins", LOGIN_COLUMNS, rows)
+        if len(new_ids) == len(logins):
+            return list(logins)
+        inserted = set(new_ids)
+        return [login for login in logins if login.event_id in inserted]
 
     async def _aggregate(self, inserted: Sequence[Login]) -> Aggregates:
         days = visitor_days(inserted)
         new_visitor_days: list[tuple[str, Any]] = []
         if days:
-            rows = await self._sql.fetch(
-                _INSERT_VISITOR_DAYS,
-                [d.venue_id for d in days],
-                [d.day for d in days],
-                [d.visitor for d in days],
+            returned = await self._sql.insert_rows(
+                "venue_daily_visitors", ("venue_id", "day", "visitor"), days, _VISITOR_DAYS_TAIL
             )
-            new_visitor_days = [(str(venue), day) for venue, day in rows]
-        visit_ids = sorted({login.visit_id for login in inserted if login.visit_id is not None})
+            new_visitor_days = [(str(venue), day) for venue, day in returned]
+        unflagged = unflagged_visits(inserted)
         known: set[str] = set()
-        if visit_ids:
-            known = {row[0] for row in await self._sql.fetch(_KNOWN_VISITS, visit_ids)}
+        if unflagged:
+            known = {row[0] for row in await self._sql.fetch(_KNOWN_VISITS, unflagged)}
         return aggregate(inserted, known_visits=known, new_visitor_days=new_visitor_days)
 
     async def _upsert(self, aggregates: Aggregates) -> None:
-        visits = aggregates.visits
-        if visits:
-            await self._sql.execute(
-                _UPSERT_VISITS,
-                [v.visit_id for v in visits],
-                [v.user_id for v in visits],
-                [v.client_mac for v in visits],
-                [v.venue_id for v in visits],
-                [utc_datetime(v.first_login_ms) for v in visits],
-                [utc_datetime(v.last_login_ms) for v in visits],
-                [v.logins for v in visits],
-            )
-        days = aggregates.venue_days
-        if days:
-            await self._sql.execute(
-                _UPSERT_VENUE_DAYS,
-                [d.venue_id for d in days],
-                [d.day for d in days],
-                [d.logins for d in days],
-                [d.unique_visitors for d in days],
-                [d.new_visits for d in days],
-            )
+        if aggregates.visits:
+            rows = [visit.row() for visit in aggregates.visits]
+            await self._sql.insert_rows("visits", VISIT_COLUMNS, rows, _VISITS_TAIL)
+        if aggregates.venue_days:
+            rows = [
+                (d.venue_id, d.day, d.logins, d.unique_visitors, d.new_visits)
+                for d in aggregates.venue_days
+            ]
+            await self._sql.insert_rows("venue_daily", _VENUE_DAY_COLUMNS, rows, _VENUE_DAYS_TAIL)
+
+
+_VENUE_DAY_COLUMNS: Final = ("venue_id", "day", "logins", "unique_visitors", "new_visits")
 
 
 def _describe(exc: BaseException) -> str:
