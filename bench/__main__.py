@@ -1,5 +1,9 @@
 """``make bench``: the bridge beside a bare aiohttp handler and the naive listener.
 
+Parts, selectable on the command line (all by default): ``http`` (below) and ``analytics``
+(the analytics sink's write path beside a bare bulk load, see :mod:`bench.analytics`), e.g.
+``python -m bench analytics``.
+
 Contenders, each its own process on the same event loop (uvloop, as the bridge runs by
 default) and against the same Kafka broker:
 
@@ -172,13 +176,39 @@ def run_wrk(url: str, script: Path, duration_s: int, connections: int) -> Result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="make bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("parts", nargs="*", help="what to measure: http, analytics (default: both)")
     parser.add_argument("--duration-s", type=int, default=10, help="measured seconds per round")
     parser.add_argument("--warmup-s", type=int, default=3, help="unmeasured seconds per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per contender (median)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    parser.add_argument(
+        "--analytics-records", type=int, default=30_000, help="logins written per round"
+    )
+    parser.add_argument(
+        "--analytics-batch", type=int, default=2000, help="sink batch size (its default)"
+    )
     args = parser.parse_args()
+    parts = args.parts or ["http", "analytics"]
+    unknown = set(parts) - {"http", "analytics"}
+    if unknown:
+        parser.error(f"unknown part(s): {', '.join(sorted(unknown))}; choose http or analytics")
+    status = 0
+    if "http" in parts:
+        status = bench_http(args)
+    if "analytics" in parts and status == 0:
+        from bench import analytics
+
+        status = analytics.run(
+            records=args.analytics_records, batch_size=args.analytics_batch, rounds=args.rounds
+        )
+    return status
+
+
+def bench_http(args: argparse.Namespace) -> int:
     if shutil.which("wrk") is None:
         print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
