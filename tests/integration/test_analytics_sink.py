@@ -447,3 +447,70 @@ async def _retried(sink: SinkProcess, at_least: int) -> bool:
         if line.startswith(b"wifi_sink_analytics_retries_total "):
             return float(line.split()[1]) >= at_least
     return False
+
+
+@pytest.mark.postgres
+async def test_two_instances_share_the_partitions_and_write_each_login_once(
+    kafka_bootstrap: str, topics: Topics, postgres_server: str
+) -> None:
+    from tests.fixtures.postgres import create_database, drop_database
+
+    target = AnalyticsTarget("postgresql", await create_database(postgres_server))
+    env = sink_env(kafka_bootstrap, target, topics, ANALYTICS_METRICS_PORT="0")
+    first_half = many_logins(topics, users=30, per_user=4)
+    second_half = [login_message(topics.visits, 7000 + u, 0, f"second-{u}") for u in range(60)]
+    total = len(first_half) + len(second_half)
+    stops = [asyncio.Event(), asyncio.Event()]
+    tasks: list[asyncio.Task[int]] = []
+    metrics = [AnalyticsMetrics(), AnalyticsMetrics()]
+
+    def start(n: int) -> None:
+        settings = AnalyticsSettings.load(None, env)
+        tasks.append(
+            asyncio.create_task(
+                serve(settings, stop=stops[n], handle_signals=False, metrics=metrics[n])
+            )
+        )
+
+    async def landed(count: int) -> None:
+        deadline = time.monotonic() + 60
+        while await count_logins(target.url) < count:
+            assert not any(task.done() for task in tasks), "a sink stopped by itself"
+            assert time.monotonic() < deadline, f"{await count_logins(target.url)} of {count}"
+            await asyncio.sleep(0.1)
+
+    try:
+        await produce(kafka_bootstrap, first_half)
+        start(0)
+        await landed(len(first_half))
+        start(1)  # a rebalance: some partitions move, the newcomer claims them in the database
+        deadline = time.monotonic() + 60
+        while not metrics[1].registry.get_sample_value("wifi_sink_analytics_owned_partitions"):
+            assert time.monotonic() < deadline, "the second instance claimed no partition"
+            await asyncio.sleep(0.1)
+        await produce(kafka_bootstrap, second_half)
+        await landed(total)
+        await asyncio.sleep(1.0)
+    finally:
+        for stop in stops:
+            stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results == [0, 0]
+
+    port = target.port()
+    try:
+        assert await fetch_one(port, "SELECT count(*) FROM logins") == total
+        assert await fetch_one(port, "SELECT sum(logins) FROM venue_daily") == total
+        await assert_aggregates_match_logins(port)
+        epochs = await port.fetch("SELECT max(epoch) FROM sink_offsets")
+        assert epochs[0][0] >= 1
+        written = [
+            m.registry.get_sample_value(
+                "wifi_sink_analytics_rows_written_total", {"table": "logins"}
+            )
+            for m in metrics
+        ]
+        assert all(written), f"each instance wrote logins: {written}"
+    finally:
+        await target.close()
+        await drop_database(postgres_server, target.url)

@@ -7,8 +7,9 @@ instance reads which partition:
 - when partitions are assigned, the instance pauses them and *claims* them in the database
   (bumping each one's epoch), seeks to the stored position and resumes them;
 - each batch is written under the epochs it claimed; if another instance claimed a partition
-  since (a rebalance this one has not noticed yet: a zombie), the transaction writes nothing
-  and this instance pauses the partition;
+  since (a rebalance this one has not noticed yet: a zombie), the transaction writes nothing,
+  and this instance pauses the partition until Kafka revokes it or, if Kafka still assigns it
+  here, claims it again after a backoff;
 - when a write fails (database down, Kafka down for the dead-letter topic), the consumer seeks
   back to the batch's first offsets and tries again after an exponential backoff, polling in
   between so it keeps its group membership: no position is lost, and the process does not
@@ -263,15 +264,20 @@ class AnalyticsSink:
             self._metrics.batches.labels(outcome="fenced").inc()
             lost = {TopicPartition(topic, partition) for topic, partition in exc.partitions}
             log.warning(
-                "partitions fenced by another instance: pausing them",
+                "partitions claimed by another instance since this one claimed them",
                 extra={"partitions": _names(lost)},
             )
+            assigned = consumer.assignment()
             for tp in lost:
                 self._forget(tp)
                 consumer.pause(tp)
+                # Still ours in Kafka's view: a claim that raced a rebalance. Claim it again
+                # (after the backoff); if this instance is the zombie, its revocation is near.
+                if tp in assigned:
+                    self._unclaimed.add(tp)
             self._rewind(consumer, batch)
             self._metrics.owned_partitions.set(len(self._epochs))
-            return True
+            return False
         except (StoreUnavailable, KafkaError) as exc:
             self._metrics.batches.labels(outcome="failed").inc()
             self._metrics.retries.inc()
