@@ -514,3 +514,50 @@ async def test_two_instances_share_the_partitions_and_write_each_login_once(
     finally:
         await target.close()
         await drop_database(postgres_server, target.url)
+
+
+@pytest.mark.postgres
+async def test_a_batch_under_a_stale_epoch_is_refused_and_the_partition_reclaimed(
+    kafka_bootstrap: str, topics: Topics, postgres_server: str
+) -> None:
+    from tests.fixtures.postgres import create_database, drop_database
+
+    target = AnalyticsTarget("postgresql", await create_database(postgres_server))
+    env = sink_env(kafka_bootstrap, target, topics, ANALYTICS_METRICS_PORT="0")
+    before = many_logins(topics, users=10, per_user=3)
+    after = [login_message(topics.visits, 8000 + u, 0, f"after-{u}") for u in range(30)]
+    metrics, stop = AnalyticsMetrics(), asyncio.Event()
+    task = asyncio.create_task(
+        serve(AnalyticsSettings.load(None, env), stop=stop, handle_signals=False, metrics=metrics)
+    )
+    port = target.port()
+    try:
+        await produce(kafka_bootstrap, before)
+        while await count_logins(target.url) < len(before):
+            assert not task.done()
+            await asyncio.sleep(0.1)
+        # What another instance's claim does: this instance's epochs are stale from now on.
+        await port.connect()
+        await port.execute("UPDATE sink_offsets SET epoch = epoch + 1")
+        await produce(kafka_bootstrap, after)
+        deadline = time.monotonic() + 60
+        while await count_logins(target.url) < len(before) + len(after):
+            assert not task.done()
+            assert time.monotonic() < deadline, "the sink did not recover its partitions"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+    try:
+        fenced = metrics.registry.get_sample_value(
+            "wifi_sink_analytics_batches_total", {"outcome": "fenced"}
+        )
+        assert fenced is not None
+        assert fenced >= 1
+        total = len(before) + len(after)
+        assert await fetch_one(port, "SELECT count(*) FROM logins") == total
+        assert await fetch_one(port, "SELECT sum(logins) FROM venue_daily") == total
+        await assert_aggregates_match_logins(port)
+    finally:
+        await target.close()
+        await drop_database(postgres_server, target.url)
