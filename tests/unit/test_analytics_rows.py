@@ -89,6 +89,8 @@ def _broken(change: str) -> bytes:
             record["visit"]["isNew"] = "yes"
         case "empty_visit_id":
             record["visit"]["id"] = ""
+        case "nul_in_venue_name":
+            record["venue"]["name"] = "Caf\x00e"
     return orjson.dumps(record)
 
 
@@ -107,6 +109,7 @@ def _broken(change: str) -> bytes:
         (_broken("late_as_text"), Reason.BAD_FIELD),
         (_broken("is_new_as_text"), Reason.BAD_FIELD),
         (_broken("empty_visit_id"), Reason.BAD_FIELD),
+        (_broken("nul_in_venue_name"), Reason.BAD_FIELD),
     ],
 )
 def test_a_record_that_is_not_canonical_is_rejected_with_a_reason(

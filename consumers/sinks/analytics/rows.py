@@ -367,6 +367,9 @@ def _text(section: dict[str, Any], name: str, path: str, *, required: bool = Fal
         return None
     if type(value) is not str or not value:
         raise RejectedRecord(Reason.BAD_FIELD, f"{path} must be a non-empty string or null")
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL: such a row would fail every retry and stall the sink.
+        raise RejectedRecord(Reason.BAD_FIELD, f"{path} contains a NUL character")
     return value
 
 
