@@ -11,9 +11,12 @@ One batch is one database transaction:
 1. advance ``sink_offsets`` for every partition in the batch, *only where the epoch still
    matches* the one this instance got when it claimed the partition (else :class:`Fenced`,
    and the transaction rolls back: a zombie after a rebalance writes nothing);
-2. insert the logins, ``ON CONFLICT (event_id) DO NOTHING RETURNING event_id``;
-3. aggregate only the logins that step 2 actually inserted (:func:`.rows.aggregate`) and
-   upsert ``visits`` and ``venue_daily`` by adding the deltas.
+2. insert the logins whose ``event_id`` is not stored yet, learning which those were
+   (:meth:`SqlPort.insert_new`: ``ON CONFLICT DO NOTHING RETURNING``, or on PostgreSQL a
+   plain ``COPY`` when no login of the batch is stored);
+3. insert the batch's (venue, day, visitor) triples, learning which are new, then aggregate
+   only the logins that step 2 actually inserted (:func:`.rows.aggregate`) and upsert
+   ``visits`` and ``venue_daily`` by adding the deltas.
 
 So the offsets and the rows commit together, and a replay (or a retried batch) inserts no
 login twice and therefore adds nothing twice.
