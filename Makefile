@@ -8,7 +8,7 @@ KAFKA_PORT ?= 9092
 KAFKA_DATA_DIR ?= .kafka-data
 export KAFKA_PORT KAFKA_DATA_DIR
 
-.PHONY: install lint test test-unit run kafka-up kafka-down bench bench-receiver bench-pipeline clean docs
+.PHONY: install lint test test-unit run kafka-up kafka-down bench bench-receiver bench-pipeline bench-analytics clean docs
 
 install: $(VENV)/.installed
 
@@ -43,7 +43,7 @@ run: kafka-up
 	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$(KAFKA_PORT)} \
 		$(BIN)/wifi-bridge serve
 
-bench: bench-receiver bench-pipeline
+bench: bench-receiver bench-pipeline bench-analytics
 
 bench-receiver: install
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } \
@@ -52,6 +52,9 @@ bench-receiver: install
 
 bench-pipeline: install
 	$(BIN)/python -m bench pipeline
+
+bench-analytics: install
+	$(BIN)/python -m bench analytics
 
 clean: kafka-down
 	rm -rf $(KAFKA_DATA_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,10 @@
 """``make bench``: the bridge beside a bare aiohttp handler and the naive listener.
 
+Parts, selectable on the command line (all by default): ``receiver`` (below, alias ``http``),
+``pipeline`` (the pipeline beside plain consume-and-produce loops, see :mod:`bench.pipeline`)
+and ``analytics`` (the analytics sink's write path beside a bare bulk load, see
+:mod:`bench.analytics`), e.g. ``python -m bench analytics``.
+
 Contenders, each its own process on the same event loop (uvloop, as the bridge runs by
 default) and against the same Kafka broker:
 
@@ -156,21 +161,58 @@ def run_wrk(url: str, script: Path, duration_s: int, connections: int) -> Result
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["pipeline"]:
-        from bench import pipeline
-
-        return pipeline.main(sys.argv[2:])
-    if sys.argv[1:2] == ["receiver"]:
-        del sys.argv[1]
     parser = argparse.ArgumentParser(
-        prog="python -m bench [receiver|pipeline]", description=__doc__
+        prog="make bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "parts",
+        nargs="*",
+        help="what to measure: receiver (alias http), pipeline, analytics (default: all)",
     )
     parser.add_argument("--duration-s", type=int, default=10, help="measured seconds per round")
     parser.add_argument("--warmup-s", type=int, default=3, help="unmeasured seconds per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per contender (median)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    parser.add_argument(
+        "--analytics-records", type=int, default=30_000, help="logins written per round"
+    )
+    parser.add_argument(
+        "--analytics-batch", type=int, default=2000, help="sink batch size (its default)"
+    )
+    parser.add_argument(
+        "--pipeline-records", type=int, default=100_000, help="raw records in the pipeline's input"
+    )
     args = parser.parse_args()
+    parts = ["receiver" if part == "http" else part for part in args.parts] or [
+        "receiver",
+        "pipeline",
+        "analytics",
+    ]
+    unknown = set(parts) - {"receiver", "pipeline", "analytics"}
+    if unknown:
+        parser.error(
+            f"unknown part(s): {', '.join(sorted(unknown))}; choose receiver, pipeline, analytics"
+        )
+    status = 0
+    if "receiver" in parts:
+        status = bench_http(args)
+    if "pipeline" in parts and status == 0:
+        from bench import pipeline
+
+        status = pipeline.main(
+            ["--records", str(args.pipeline_records), "--rounds", str(args.rounds)]
+        )
+    if "analytics" in parts and status == 0:
+        from bench import analytics
+
+        status = analytics.run(
+            records=args.analytics_records, batch_size=args.analytics_batch, rounds=args.rounds
+        )
+    return status
+
+
+def bench_http(args: argparse.Namespace) -> int:
     if shutil.which("wrk") is None:
         print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2

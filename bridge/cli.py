@@ -14,6 +14,7 @@ from bridge.config import Option
 from bridge.errors import ConfigError, WifiBridgeError
 from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings, KafkaSettings
 from consumers.pipeline.settings import PIPELINE_OPTIONS, PipelineSettings
+from consumers.sinks.analytics.settings import ANALYTICS_OPTIONS
 from consumers.sinks.crm_settings import CRM_OPTIONS
 
 SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
@@ -21,6 +22,7 @@ SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
     ("Receiver (`wifi-bridge serve`)", BRIDGE_OPTIONS),
     ("Pipeline (`wifi-bridge pipeline`)", PIPELINE_OPTIONS),
     ("CRM sink (`wifi-bridge sink crm`)", CRM_OPTIONS),
+    ("Analytics sink (`wifi-bridge sink analytics`)", ANALYTICS_OPTIONS),
 )
 
 
@@ -102,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_options(crm, "Kafka", KAFKA_OPTIONS)
     config.add_options(crm, "CRM sink", CRM_OPTIONS)
+    analytics = sinks.add_parser(
+        "analytics",
+        help="logins, visits and daily venue figures into PostgreSQL or DuckDB",
+        description="Consume canonical login records and write them, with their offsets, to "
+        "the analytics tables. Every flag mirrors the environment variable named in its help.",
+    )
+    config.add_options(analytics, "Kafka", KAFKA_OPTIONS)
+    config.add_options(analytics, "analytics sink", ANALYTICS_OPTIONS)
 
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
@@ -122,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return simulate(args)
     if args.command == "sink" and args.sink == "crm":
         return _sink_crm(args)
+    if args.command == "sink" and args.sink == "analytics":
+        return _sink_analytics(args)
     try:
         settings = BridgeSettings.load(args, os.environ)
     except ConfigError as exc:
@@ -187,6 +199,24 @@ def _sink_crm(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:  # e.g. the metrics port is taken
         print(f"wifi-bridge: cannot run the CRM sink: {exc}", file=sys.stderr)
+        return 1
+
+
+def _sink_analytics(args: argparse.Namespace) -> int:
+    from consumers.sinks.analytics.settings import AnalyticsSettings
+
+    try:
+        settings = AnalyticsSettings.load(args, os.environ)
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level=settings.log_level, log_format=settings.log_format)
+    from consumers.sinks.analytics.service import run
+
+    try:
+        return run(settings)
+    except OSError as exc:  # e.g. the metrics port is taken
+        print(f"wifi-bridge: cannot run the analytics sink: {exc}", file=sys.stderr)
         return 1
 
 

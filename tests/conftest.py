@@ -11,6 +11,8 @@ pytest_plugins = [
     "tests.fixtures.pipeline",
     "tests.fixtures.hubspot",
     "tests.fixtures.crm_sink",
+    "tests.fixtures.postgres",
+    "tests.fixtures.analytics",
 ]
 
 

@@ -1,1 +1,1 @@
-"""Sinks: services that read canonical login records from Kafka and write them elsewhere."""
+"""Sinks: services that write the pipeline's canonical login records into stores."""

@@ -1,0 +1,148 @@
+"""The analytics store on a PostgreSQL server, through asyncpg (binary protocol, async).
+
+One connection per sink instance: batches are written one after another, so a pool would only
+add idle connections. A connection that fails is dropped and opened again on the next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import asyncpg
+
+__all__ = ["PostgresPort"]
+
+# An advisory lock id of our own, so two instances starting together migrate one at a time.
+_MIGRATION_LOCK: Final = int.from_bytes(
+    hashlib.sha256(b"wifi-bridge analytics migrations").digest()[:8], "big", signed=True
+)
+
+
+class PostgresPort:
+    """:class:`~consumers.sinks.analytics.store.SqlPort` on one asyncpg connection.
+
+    ``connect_timeout_s`` (default 10) bounds opening the connection; ``statement_timeout_ms``
+    (default 60000) bounds each statement on the server, so a stuck lock cannot hang a batch.
+    """
+
+    name = "postgresql"
+    transient_errors: tuple[type[BaseException], ...] = (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    )
+
+    def __init__(
+        self, url: str, *, connect_timeout_s: float = 10.0, statement_timeout_ms: int = 60_000
+    ) -> None:
+        if connect_timeout_s <= 0 or statement_timeout_ms <= 0:
+            raise ValueError("timeouts must be positive")
+        self._url = url
+        self._connect_timeout_s = connect_timeout_s
+        self._statement_timeout_ms = statement_timeout_ms
+        self._connection: asyncpg.Connection[Any] | None = None
+        #: Staging tables created on the current connection.
+        self._staged: set[str] = set()
+
+    async def connect(self) -> None:
+        if self._connection is not None and not self._connection.is_closed():
+            return
+        self._connection = await asyncpg.connect(
+            self._url,
+            timeout=self._connect_timeout_s,
+            server_settings={
+                "application_name": "wifi-sink-analytics",
+                "statement_timeout": str(self._statement_timeout_ms),
+                "timezone": "UTC",
+            },
+        )
+
+    async def reset(self) -> None:
+        self._staged.clear()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.terminate()
+
+    async def close(self) -> None:
+        self._staged.clear()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                await connection.close(timeout=5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                connection.terminate()
+
+    def _open(self) -> asyncpg.Connection[Any]:
+        if self._connection is None:
+            raise asyncpg.InterfaceError("not connected")
+        return self._connection
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        try:
+            async with self._open().transaction():
+                yield
+        except BaseException:
+            # A staging table created in a rolled-back transaction is gone again.
+            self._staged.clear()
+            raise
+
+    async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self._open().fetch(query, *args)]
+
+    async def execute(self, query: str, *args: Any) -> None:
+        await self._open().execute(query, *args)
+
+    async def lock_migrations(self) -> None:
+        await self._open().execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+
+    async def insert_new(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """``COPY`` straight into the table, under a savepoint; on a duplicate key, the slow way.
+
+        Almost every batch holds only new logins, and then this costs what a bare ``COPY``
+        costs. A batch with a login already stored (a redelivery, a replay) fails on the
+        primary key, rolls back to the savepoint, and goes through the staging table with
+        ``ON CONFLICT DO NOTHING RETURNING``, which says which rows were new.
+        """
+        connection = self._open()
+        try:
+            async with connection.transaction():  # a savepoint inside the batch's transaction
+                await connection.copy_records_to_table(table, records=rows, columns=list(columns))
+            return [row[0] for row in rows]
+        except asyncpg.UniqueViolationError:
+            pass
+        key = columns[0]
+        tail = f"ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
+        return [row[0] for row in await self.insert_rows(table, columns, rows, tail)]
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], tail: str
+    ) -> list[tuple[Any, ...]]:
+        """Binary ``COPY`` into a temporary staging table, then ``INSERT ... SELECT`` from it.
+
+        ``COPY`` is PostgreSQL's fastest load path, and ``INSERT ... SELECT`` keeps what
+        ``COPY`` cannot do (``ON CONFLICT``, ``RETURNING``). The staging table lives as long as
+        the connection and empties itself at every commit.
+        """
+        connection = self._open()
+        stage = f"stage_{table}"
+        if stage not in self._staged:
+            await connection.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} "
+                f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            self._staged.add(stage)
+        names = ", ".join(columns)
+        await connection.copy_records_to_table(stage, records=rows, columns=list(columns))
+        query = f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} {tail}"  # noqa: S608
+        return [tuple(row) for row in await connection.fetch(query)]
+
+    async def copy_rows(self, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
+        """Bare ``COPY`` (binary) of ``rows`` into ``table``: the benchmark's yardstick."""
+        await self._open().copy_records_to_table(table, records=rows, columns=list(columns))

@@ -1,0 +1,401 @@
+"""The analytics tables, their migrations, and the one write algorithm both databases run.
+
+The algorithm is written once against :class:`SqlPort`, a few async calls that PostgreSQL
+(:mod:`.postgres`) and DuckDB (:mod:`.duckdb_store`) each implement; the SQL is the dialect the
+two share (``$n`` parameters, ``unnest`` of array parameters, ``ON CONFLICT``, ``RETURNING``),
+and each adapter loads a batch's rows its own fastest way (PostgreSQL: binary ``COPY`` into a
+staging table; DuckDB: column lists).
+
+One batch is one database transaction:
+
+1. advance ``sink_offsets`` for every partition in the batch, *only where the epoch still
+   matches* the one this instance got when it claimed the partition (else :class:`Fenced`,
+   and the transaction rolls back: a zombie after a rebalance writes nothing);
+2. insert the logins whose ``event_id`` is not stored yet, learning which those were
+   (:meth:`SqlPort.insert_new`: ``ON CONFLICT DO NOTHING RETURNING``, or on PostgreSQL a
+   plain ``COPY`` when no login of the batch is stored);
+3. insert the batch's (venue, day, visitor) triples, learning which are new, then aggregate
+   only the logins that step 2 actually inserted (:func:`.rows.aggregate`) and upsert
+   ``visits`` and ``venue_daily`` by adding the deltas.
+
+So the offsets and the rows commit together, and a replay (or a retried batch) inserts no
+login twice and therefore adds nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from bridge.errors import WifiBridgeError
+from consumers.sinks.analytics.rows import (
+    LOGIN_COLUMNS,
+    VISIT_COLUMNS,
+    Aggregates,
+    Login,
+    aggregate,
+    dedupe,
+    unflagged_visits,
+    visitor_days,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MIGRATIONS",
+    "AnalyticsStore",
+    "Claim",
+    "Fenced",
+    "Position",
+    "SqlPort",
+    "StoreError",
+    "StoreUnavailable",
+    "WriteResult",
+]
+
+
+class StoreError(WifiBridgeError):
+    """The analytics database did not take a batch."""
+
+    code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    """The database is unreachable or refused the transaction; retry later, nothing was written."""
+
+    code = "store_unavailable"
+    retryable = True
+
+
+class Fenced(StoreError):
+    """Another instance claimed these partitions since this one did; nothing was written."""
+
+    code = "fenced"
+
+    def __init__(self, partitions: Sequence[tuple[str, int]]) -> None:
+        super().__init__(f"partitions claimed by another instance: {sorted(partitions)}")
+        self.partitions = tuple(partitions)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A partition this instance owns: its epoch, and where to resume (None: from the start)."""
+
+    topic: str
+    partition: int
+    epoch: int
+    next_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """After this batch, ``partition`` resumes at ``next_offset``; valid only under ``epoch``."""
+
+    topic: str
+    partition: int
+    epoch: int
+    next_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    logins_inserted: int
+    duplicates: int
+    visits_upserted: int
+    venue_days_upserted: int
+
+
+class SqlPort(Protocol):
+    """What the write algorithm needs from a database connection."""
+
+    #: ``postgresql`` or ``duckdb``: for logs and metric labels.
+    name: str
+    #: Errors after which the connection is dropped and the batch retried.
+    transient_errors: tuple[type[BaseException], ...]
+
+    async def connect(self) -> None:
+        """Open the connection if it is not open (idempotent)."""
+
+    async def reset(self) -> None:
+        """Drop the connection after an error; the next :meth:`connect` opens a new one."""
+
+    async def close(self) -> None: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """Commit on a normal exit, roll back on an exception."""
+
+    async def fetch(self, query: str, *args: Any) -> list[tuple[Any, ...]]: ...
+
+    async def execute(self, query: str, *args: Any) -> None: ...
+
+    async def lock_migrations(self) -> None:
+        """Serialise concurrent migrations (inside the migration transaction)."""
+
+    async def insert_new(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Insert the rows whose key (the first column, the primary key) is not in ``table``.
+
+        Returns the keys it inserted: a row whose key is there already is left alone.
+        """
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], tail: str
+    ) -> list[tuple[Any, ...]]:
+        """``INSERT INTO table (columns) <rows> tail``, in bulk; returns what ``tail`` returns.
+
+        ``tail`` is the statement's ``ON CONFLICT ... [RETURNING ...]`` clause; inside it the
+        target table is referred to by its name. Each adapter loads the rows its fastest way.
+        """
+
+
+# Column types both databases know by these names.
+MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
+    (
+        1,
+        (
+            """CREATE TABLE logins (
+                event_id text PRIMARY KEY,
+                user_id text,
+                client_mac text,
+                company_id text,
+                venue_id text,
+                venue_name text,
+                provider text,
+                authentication_time timestamptz NOT NULL,
+                received_at timestamptz,
+                visit_id text,
+                visit_is_new boolean,
+                late boolean NOT NULL,
+                written_at timestamptz NOT NULL DEFAULT current_timestamp
+            )""",
+            """CREATE TABLE visits (
+                visit_id text PRIMARY KEY,
+                user_id text,
+                client_mac text,
+                venue_id text,
+                first_login_at timestamptz NOT NULL,
+                last_login_at timestamptz NOT NULL,
+                logins bigint NOT NULL
+            )""",
+            """CREATE TABLE venue_daily (
+                venue_id text NOT NULL,
+                day date NOT NULL,
+                logins bigint NOT NULL,
+                unique_visitors bigint NOT NULL,
+                new_visits bigint NOT NULL,
+                PRIMARY KEY (venue_id, day)
+            )""",
+            # Who was already counted at a venue on a day: makes unique_visitors additive.
+            """CREATE TABLE venue_daily_visitors (
+                venue_id text NOT NULL,
+                day date NOT NULL,
+                visitor text NOT NULL,
+                PRIMARY KEY (venue_id, day, visitor)
+            )""",
+            # Where each consumer group resumes, and the epoch that fences zombie writers.
+            """CREATE TABLE sink_offsets (
+                consumer_group text NOT NULL,
+                topic text NOT NULL,
+                partition integer NOT NULL,
+                next_offset bigint,
+                epoch bigint NOT NULL,
+                claimed_at timestamptz NOT NULL,
+                PRIMARY KEY (consumer_group, topic, partition)
+            )""",
+        ),
+    ),
+)
+
+_VISITOR_DAYS_TAIL: Final = (
+    "ON CONFLICT (venue_id, day, visitor) DO NOTHING RETURNING venue_id, day"
+)
+_VISITS_TAIL: Final = (
+    "ON CONFLICT (visit_id) DO UPDATE SET "
+    "first_login_at = least(visits.first_login_at, excluded.first_login_at), "
+    "last_login_at = greatest(visits.last_login_at, excluded.last_login_at), "
+    "logins = visits.logins + excluded.logins"
+)
+_VENUE_DAYS_TAIL: Final = (
+    "ON CONFLICT (venue_id, day) DO UPDATE SET "
+    "logins = venue_daily.logins + excluded.logins, "
+    "unique_visitors = venue_daily.unique_visitors + excluded.unique_visitors, "
+    "new_visits = venue_daily.new_visits + excluded.new_visits"
+)
+_KNOWN_VISITS: Final = "SELECT visit_id FROM visits WHERE visit_id IN (SELECT unnest($1::text[]))"
+_ADVANCE_OFFSETS: Final = (
+    "UPDATE sink_offsets SET next_offset = v.next_offset FROM ("
+    "SELECT unnest($1::text[]) AS topic, unnest($2::integer[]) AS part, "
+    "unnest($3::bigint[]) AS next_offset, unnest($4::bigint[]) AS epoch) AS v "
+    "WHERE sink_offsets.topic = v.topic AND sink_offsets.partition = v.part "
+    "AND sink_offsets.epoch = v.epoch AND sink_offsets.consumer_group = $5 "
+    "RETURNING sink_offsets.topic, sink_offsets.partition"
+)
+_CLAIM: Final = (
+    "INSERT INTO sink_offsets (consumer_group, topic, partition, next_offset, epoch, claimed_at) "
+    "VALUES ($1, $2, $3, NULL, 1, current_timestamp) "
+    "ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "
+    "epoch = sink_offsets.epoch + 1, claimed_at = excluded.claimed_at "
+    "RETURNING epoch, next_offset"
+)
+
+
+class AnalyticsStore:
+    """The analytics tables behind one :class:`SqlPort`; every method is one transaction.
+
+    ``group_id`` is the Kafka consumer group: positions and epochs are kept per group, so a new
+    group replays the topics from the start (and, the writes being idempotent, adds nothing).
+
+    Errors of the database surface as :class:`StoreUnavailable` (retryable: nothing was
+    written) or :class:`Fenced`; messages carry error classes only, never row values.
+    """
+
+    def __init__(self, sql: SqlPort, *, group_id: str) -> None:
+        if not group_id:
+            raise ValueError("group_id must not be empty")
+        self._sql = sql
+        self.group_id = group_id
+        self._migrated = False
+
+    @property
+    def kind(self) -> str:
+        return self._sql.name
+
+    async def open(self) -> None:
+        """Connect and bring the schema to the newest version (idempotent, concurrency-safe)."""
+        try:
+            await self._sql.connect()
+            if not self._migrated:
+                await self._migrate()
+                self._migrated = True
+        except self._sql.transient_errors as exc:
+            await self._sql.reset()
+            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+
+    async def close(self) -> None:
+        await self._sql.close()
+
+    async def schema_version(self) -> int:
+        await self.open()
+        rows = await self._sql.fetch("SELECT max(version) FROM schema_version")
+        return int(rows[0][0] or 0)
+
+    async def claim(self, topic: str, partitions: Sequence[int]) -> list[Claim]:
+        """Take ownership of ``partitions``: bump each one's epoch, return where to resume."""
+        await self.open()
+        claims: list[Claim] = []
+        try:
+            async with self._sql.transaction():
+                for partition in sorted(partitions):
+                    rows = await self._sql.fetch(_CLAIM, self.group_id, topic, partition)
+                    epoch, next_offset = rows[0]
+                    claims.append(Claim(topic, partition, int(epoch), next_offset))
+        except self._sql.transient_errors as exc:
+            await self._sql.reset()
+            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+        return claims
+
+    async def write(self, logins: Sequence[Login], positions: Sequence[Position]) -> WriteResult:
+        """Store one batch and its partitions' next offsets in one transaction."""
+        await self.open()
+        unique = dedupe(logins)
+        try:
+            async with self._sql.transaction():
+                await self._advance(positions)
+                inserted = await self._insert_logins(unique)
+                aggregates = await self._aggregate(inserted) if inserted else None
+                if aggregates is not None:
+                    await self._upsert(aggregates)
+        except self._sql.transient_errors as exc:
+            await self._sql.reset()
+            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+        return WriteResult(
+            logins_inserted=len(inserted),
+            duplicates=len(logins) - len(inserted),
+            visits_upserted=len(aggregates.visits) if aggregates else 0,
+            venue_days_upserted=len(aggregates.venue_days) if aggregates else 0,
+        )
+
+    async def _migrate(self) -> None:
+        async with self._sql.transaction():
+            await self._sql.lock_migrations()
+            await self._sql.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+            )
+            rows = await self._sql.fetch("SELECT coalesce(max(version), 0) FROM schema_version")
+            current = int(rows[0][0])
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    await self._sql.execute(statement)
+                await self._sql.execute(
+                    "INSERT INTO schema_version (version, applied_at) "
+                    "VALUES ($1, current_timestamp)",
+                    version,
+                )
+                log.info("migrated analytics schema", extra={"version": version})
+
+    async def _advance(self, positions: Sequence[Position]) -> None:
+        if not positions:
+            return
+        rows = await self._sql.fetch(
+            _ADVANCE_OFFSETS,
+            [p.topic for p in positions],
+            [p.partition for p in positions],
+            [p.next_offset for p in positions],
+            [p.epoch for p in positions],
+            self.group_id,
+        )
+        advanced = {(str(topic), int(partition)) for topic, partition in rows}
+        lost = [(p.topic, p.partition) for p in positions if (p.topic, p.partition) not in advanced]
+        if lost:
+            raise Fenced(lost)
+
+    async def _insert_logins(self, logins: Sequence[Login]) -> list[Login]:
+        if not logins:
+            return []
+        rows = [login.row() for login in logins]
+        new_ids = await self._sql.insert_new("logins", LOGIN_COLUMNS, rows)
+        if len(new_ids) == len(logins):
+            return list(logins)
+        inserted = set(new_ids)
+        return [login for login in logins if login.event_id in inserted]
+
+    async def _aggregate(self, inserted: Sequence[Login]) -> Aggregates:
+        days = visitor_days(inserted)
+        new_visitor_days: list[tuple[str, Any]] = []
+        if days:
+            returned = await self._sql.insert_rows(
+                "venue_daily_visitors", ("venue_id", "day", "visitor"), days, _VISITOR_DAYS_TAIL
+            )
+            new_visitor_days = [(str(venue), day) for venue, day in returned]
+        unflagged = unflagged_visits(inserted)
+        known: set[str] = set()
+        if unflagged:
+            known = {row[0] for row in await self._sql.fetch(_KNOWN_VISITS, unflagged)}
+        return aggregate(inserted, known_visits=known, new_visitor_days=new_visitor_days)
+
+    async def _upsert(self, aggregates: Aggregates) -> None:
+        if aggregates.visits:
+            rows = [visit.row() for visit in aggregates.visits]
+            await self._sql.insert_rows("visits", VISIT_COLUMNS, rows, _VISITS_TAIL)
+        if aggregates.venue_days:
+            rows = [
+                (d.venue_id, d.day, d.logins, d.unique_visitors, d.new_visits)
+                for d in aggregates.venue_days
+            ]
+            await self._sql.insert_rows("venue_daily", _VENUE_DAY_COLUMNS, rows, _VENUE_DAYS_TAIL)
+
+
+_VENUE_DAY_COLUMNS: Final = ("venue_id", "day", "logins", "unique_visitors", "new_visits")
+
+
+def _describe(exc: BaseException) -> str:
+    """The error's class (and SQLSTATE when there is one): never its text, which may quote rows."""
+    state = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
