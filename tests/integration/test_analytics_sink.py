@@ -30,6 +30,7 @@ from bridge.settings import KafkaSettings
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
 from consumers.sinks.analytics.service import serve
 from consumers.sinks.analytics.settings import AnalyticsSettings
+from consumers.sinks.analytics.store import Position
 from devkafka.broker import free_port
 from tests.fixtures.analytics import (
     AnalyticsTarget,
@@ -561,3 +562,20 @@ async def test_a_batch_under_a_stale_epoch_is_refused_and_the_partition_reclaime
     finally:
         await target.close()
         await drop_database(postgres_server, target.url)
+
+
+async def test_a_stored_position_past_the_end_of_a_recreated_topic_reads_it_from_the_start(
+    kafka_bootstrap: str, topics: Topics, analytics_target: AnalyticsTarget, run_sink_until: RunSink
+) -> None:
+    group = f"sink-test-{uuid.uuid4().hex[:8]}"
+    store = analytics_target.store(group_id=group)
+    # Positions left by an earlier life of these topics (another cluster, a deleted topic).
+    claims = await store.claim(topics.visits, list(range(PARTITIONS)))
+    await store.write([], [Position(topics.visits, c.partition, c.epoch, 1_000) for c in claims])
+    await analytics_target.close()
+    stream = known_stream(topics)
+    await produce(kafka_bootstrap, stream, per_transaction=3)
+
+    await run_sink_until(analytics_target, len(stream), ANALYTICS_GROUP_ID=group)
+
+    assert await fetch_one(analytics_target.port(), "SELECT count(*) FROM logins") == 6

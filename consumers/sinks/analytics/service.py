@@ -64,7 +64,8 @@ def build_store(settings: AnalyticsSettings) -> AnalyticsStore:
         sql = PostgresPort(settings.store.url, statement_timeout_ms=settings.statement_timeout_ms)
     else:
         assert settings.store.path is not None
-        sql = DuckDBPort(settings.store.path)
+        # Released after a second without batches, so readers (wifi-bridge report) get in.
+        sql = DuckDBPort(settings.store.path, idle_release_s=1.0)
     return AnalyticsStore(sql, group_id=settings.group_id)
 
 
@@ -207,12 +208,31 @@ class AnalyticsSink:
                     tp = TopicPartition(claim.topic, claim.partition)
                     if tp not in self._unclaimed:
                         continue
-                    if claim.next_offset is None:
+                    next_offset = claim.next_offset
+                    if next_offset is not None:
+                        end = (await consumer.end_offsets([tp]))[tp]
+                        if next_offset > end:
+                            # The stored position is past the end of the log: the topic was
+                            # deleted and created again (or this database met another
+                            # cluster). Reading it from the start is safe, since logins are
+                            # stored once per event id, and skips nothing.
+                            log.warning(
+                                "stored position is past the end of the partition: reading it "
+                                "from the beginning",
+                                extra={
+                                    "topic": tp.topic,
+                                    "partition": tp.partition,
+                                    "offset": next_offset,
+                                    "end_offset": end,
+                                },
+                            )
+                            next_offset = None
+                    if next_offset is None:
                         await consumer.seek_to_beginning(tp)
                     else:
-                        consumer.seek(tp, claim.next_offset)
+                        consumer.seek(tp, next_offset)
                     self._epochs[tp] = claim.epoch
-                    self._next[tp] = claim.next_offset or 0
+                    self._next[tp] = next_offset or 0
                     self._unclaimed.discard(tp)
                     consumer.resume(tp)
                     log.info(
