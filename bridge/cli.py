@@ -113,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_options(analytics, "Kafka", KAFKA_OPTIONS)
     config.add_options(analytics, "analytics sink", ANALYTICS_OPTIONS)
 
+    report = commands.add_parser(
+        "report",
+        help="what the analytics store holds: totals, per venue, and a chart",
+        description="Read the analytics tables (ANALYTICS_URL) and print logins, visitors and "
+        "visits in total and per venue; with --chart, draw logins per venue over time as a PNG.",
+    )
+    report.add_argument(
+        "--analytics-url",
+        default=None,
+        metavar="ANALYTICS_URL",
+        help="the store to read [env ANALYTICS_URL, default 'duckdb:///.data/analytics.duckdb']",
+    )
+    report.add_argument("--chart", type=Path, default=None, help="write the chart to this PNG")
+    report.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
 
@@ -126,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _spool(args)
     if args.command == "pipeline":
         return _pipeline(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "simulate":
         from simulator.cli import run as simulate
 
@@ -162,6 +179,36 @@ def _pipeline(args: argparse.Namespace) -> int:
     from consumers.pipeline.service import run
 
     return run(settings)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import orjson
+
+    from consumers import report
+    from consumers.sinks.analytics.settings import parse_store_url
+
+    url = args.analytics_url or os.environ.get("ANALYTICS_URL", "duckdb:///.data/analytics.duckdb")
+    try:
+        parse_store_url(url)
+        result = asyncio.run(report.read_report(url))
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"wifi-bridge report: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the store refused: name the kind of error, never the URL
+        print(f"wifi-bridge report: cannot read the store: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(report.format_text(result))
+    if args.chart is not None:
+        report.render_chart(result, args.chart)
+        print(f"chart: {args.chart}", file=sys.stderr)
+    return 0
 
 
 def _spool(args: argparse.Namespace) -> int:
