@@ -8,7 +8,7 @@ KAFKA_PORT ?= 9092
 KAFKA_DATA_DIR ?= .kafka-data
 export KAFKA_PORT KAFKA_DATA_DIR
 
-.PHONY: install lint test test-unit run kafka-up kafka-down bench bench-receiver bench-pipeline bench-analytics clean docs
+.PHONY: install lint test test-unit postgres-binaries run kafka-up kafka-down bench bench-receiver bench-pipeline bench-analytics clean docs
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,15 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint postgres-binaries
 	$(BIN)/python -m pytest
+
+# The analytics tests start a throwaway PostgreSQL cluster from the server binaries.
+postgres-binaries:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && echo "installing PostgreSQL (Debian package)" \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+		|| { echo "make test needs PostgreSQL's server binaries: apt-get install postgresql"; exit 2; }
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
@@ -41,7 +48,7 @@ kafka-down: install
 
 run: kafka-up
 	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$(KAFKA_PORT)} \
-		$(BIN)/wifi-bridge serve
+		$(BIN)/python -m devstack
 
 bench: bench-receiver bench-pipeline bench-analytics
 

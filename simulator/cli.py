@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gap that separates visits, to count the visits expected (default %(default)s, "
         "as PIPELINE_VISIT_GAP_S)",
     )
+    a(
+        "--first-user-id",
+        type=int,
+        default=d.first_user_id,
+        help="visitor ids start here; another value simulates other people (default %(default)s)",
+    )
     a("--seed", type=int, default=d.seed, help="same seed, same traffic (default %(default)s)")
     a("--concurrency", type=int, default=64, help="posts in flight at most (default 64)")
     a("--basic-auth", default=None, metavar="USER:PASSWORD", help="HTTP basic auth for the bridge")
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             outage_duration_s=args.outage_duration_s,
             time_compression=args.time_compression,
             visit_gap_ms=args.visit_gap_s * 1000,
+            first_user_id=args.first_user_id,
             seed=args.seed,
         )
     except ValueError as exc:

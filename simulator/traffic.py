@@ -71,6 +71,8 @@ class TrafficConfig:
     outage_duration_s: float = 0.0
     time_compression: float = 1000.0
     visit_gap_ms: int = 30 * 60_000
+    first_user_id: int = 10_000
+    """Visitors get ids from here: runs with different values simulate different people."""
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -109,6 +111,8 @@ class Expected:
     relogins: int = 0
     outage_failed: int = 0
     visits: int = 0
+    visitors: int = 0
+    """Distinct people who logged in: the CRM contacts a run should create."""
     logins_by_venue: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -119,6 +123,7 @@ class Expected:
             "relogins": self.relogins,
             "outage_failed": self.outage_failed,
             "visits": self.visits,
+            "visitors": self.visitors,
             "logins_by_venue": dict(sorted(self.logins_by_venue.items())),
         }
 
@@ -144,7 +149,7 @@ def plan(config: TrafficConfig, *, start_ms: int) -> tuple[list[Delivery], Expec
     ``start_ms + at_ms`` of the login's first delivery, as a real sender stamps them.
     """
     rng = random.Random(config.seed)
-    people = [_person(rng, n) for n in range(config.users)]
+    people = [_person(rng, config.first_user_id + n) for n in range(config.users)]
     venues = [_venue(rng, n) for n in range(config.venues)]
     total = max(1, round(config.rate_per_s * config.duration_s))
     interval_ms = 1000 / config.rate_per_s
@@ -189,6 +194,7 @@ def plan(config: TrafficConfig, *, start_ms: int) -> tuple[list[Delivery], Expec
     deliveries.sort(key=lambda d: d.at_ms)  # stable: equal times keep their order
     expected.posts = sum(1 for d in deliveries if not d.fails)
     expected.visits = _count_visits(logins, config.visit_gap_ms)
+    expected.visitors = len({user for user, _ in logins})
     return deliveries, expected
 
 
@@ -233,9 +239,9 @@ def _count_visits(logins: dict[tuple[int, str], list[int]], gap_ms: int) -> int:
     return visits
 
 
-def _person(rng: random.Random, n: int) -> _Person:
+def _person(rng: random.Random, user_id: int) -> _Person:
     first, last = rng.choice(_FIRST_NAMES), rng.choice(_LAST_NAMES)
-    user_id = 10_000 + n
+    n = user_id
     return _Person(
         user_id=user_id,
         mac="-".join(f"{b:02X}" for b in (0x02, n >> 16 & 255, n >> 8 & 255, n & 255, 0x5A, 0x11)),

@@ -32,6 +32,8 @@ def test_the_expected_counts_match_the_deliveries() -> None:
     assert sum(ids.values()) - len(ids) == expected.redeliveries > 0
     assert expected.posts == len(sent) == 800
     assert sum(expected.logins_by_venue.values()) == expected.unique_logins
+    people = {orjson.loads(d.body)["user"]["id"] for d in sent}
+    assert expected.visitors == len({str(p) for p in people})
     assert expected.relogins == sum(1 for d in sent if d.kind == "relogin") > 0
     assert [d.at_ms for d in deliveries] == sorted(d.at_ms for d in deliveries)
 
