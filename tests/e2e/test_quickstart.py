@@ -66,6 +66,9 @@ def test_make_run_reconciles_and_the_try_it_commands_work(kafka_bootstrap: str) 
         assert running.wait(timeout=400), "".join(lines[-60:])
         output = "".join(lines)
         assert "reconciled: every login once" in output, output[-4000:]
+        late = re.search(r"^late logins \(outage retries\)\s+<= \d+\s+(\d+)", output, re.M)
+        assert late is not None, output[-4000:]
+        assert int(late.group(1)) > 0  # the outage's retries came back late, and were kept
 
         (try_it,) = code_blocks("Try it")
         shell = subprocess.run(
