@@ -53,7 +53,8 @@ local template = [==[%s]==]
 local counter = 0
 request = function()
   counter = counter + 1
-  return wrk.format(nil, nil, nil, string.format(template, counter, counter %% 60))
+  -- the sample puts session.authenticationTime before user.id: minute first, then the id
+  return wrk.format(nil, nil, nil, string.format(template, counter %% 60, counter))
 end
 """
 

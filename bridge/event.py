@@ -57,12 +57,10 @@ def parse_time_ms(value: Any) -> int | None:
     if not isinstance(value, str) or not value:
         return None
     try:
+        # Python 3.11 reads every ISO 8601 spelling the sender uses, "+0000" included.
         moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        try:
-            moment = datetime.strptime(value.strip(), "%Y-%m-%dT%H:%M:%S%z")
-        except ValueError:
-            return None
+        return None
     if moment.tzinfo is None:
         return None
     return int(moment.timestamp() * 1000)
