@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from bridge import __version__, config, logs
 from bridge.config import Option
 from bridge.errors import ConfigError, WifiBridgeError
 from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings, KafkaSettings
 from consumers.pipeline.settings import PIPELINE_OPTIONS, PipelineSettings
-from consumers.sinks.analytics.settings import ANALYTICS_OPTIONS
-from consumers.sinks.crm_settings import CRM_OPTIONS
+from consumers.sinks.analytics.settings import ANALYTICS_OPTIONS, AnalyticsSettings
+from consumers.sinks.crm_settings import CRM_OPTIONS, CrmSettings
 
 SETTINGS_TABLES: tuple[tuple[str, tuple[Option, ...]], ...] = (
     ("Kafka (every service)", KAFKA_OPTIONS),
@@ -139,8 +141,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "spool":
         return _spool(args)
-    if args.command == "pipeline":
-        return _pipeline(args)
     if args.command == "report":
         return _report(args)
     if args.command == "simulate":
@@ -148,37 +148,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return simulate(args)
     if args.command == "sink" and args.sink == "crm":
-        return _sink_crm(args)
+        return _service(args, CrmSettings.load, "consumers.sinks.crm:run", "the CRM sink")
     if args.command == "sink" and args.sink == "analytics":
-        return _sink_analytics(args)
+        runner = "consumers.sinks.analytics.service:run"
+        return _service(args, AnalyticsSettings.load, runner, "the analytics sink")
+    if args.command == "pipeline":
+        runner = "consumers.pipeline.service:run"
+        return _service(args, PipelineSettings.load, runner, "the pipeline")
+    return _service(args, BridgeSettings.load, "bridge.server:run", "the receiver")
+
+
+class _ServiceSettings(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+    @property
+    def log_format(self) -> str: ...
+
+
+S = TypeVar("S", bound=_ServiceSettings)
+
+
+def _service(
+    args: argparse.Namespace,
+    load: Callable[[argparse.Namespace, Mapping[str, str]], S],
+    runner: str,
+    what: str,
+) -> int:
+    """Load a service's settings, configure its logs and run it (imported only now)."""
     try:
-        settings = BridgeSettings.load(args, os.environ)
+        settings = load(args, os.environ)
     except ConfigError as exc:
         print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(level=settings.log_level, log_format=settings.log_format)
-    from bridge.server import run
-
+    module, _, name = runner.partition(":")
+    run: Callable[[S], int] = getattr(importlib.import_module(module), name)
     try:
         return run(settings)
     except ConfigError as exc:
         print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the port is taken
-        print(f"wifi-bridge: cannot serve: {exc}", file=sys.stderr)
+        print(f"wifi-bridge: cannot run {what}: {exc}", file=sys.stderr)
         return 1
-
-
-def _pipeline(args: argparse.Namespace) -> int:
-    try:
-        settings = PipelineSettings.load(args, os.environ)
-    except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logs.configure(level=settings.log_level, log_format=settings.log_format)
-    from consumers.pipeline.service import run
-
-    return run(settings)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -225,45 +238,6 @@ def _spool(args: argparse.Namespace) -> int:
         return 2
     except WifiBridgeError as exc:
         print(f"wifi-bridge: {exc}", file=sys.stderr)
-        return 1
-
-
-def _sink_crm(args: argparse.Namespace) -> int:
-    from consumers.sinks.crm_settings import CrmSettings
-
-    try:
-        settings = CrmSettings.load(args, os.environ)
-    except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logs.configure(level=settings.log_level, log_format=settings.log_format)
-    from consumers.sinks.crm import run
-
-    try:
-        return run(settings)
-    except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. the metrics port is taken
-        print(f"wifi-bridge: cannot run the CRM sink: {exc}", file=sys.stderr)
-        return 1
-
-
-def _sink_analytics(args: argparse.Namespace) -> int:
-    from consumers.sinks.analytics.settings import AnalyticsSettings
-
-    try:
-        settings = AnalyticsSettings.load(args, os.environ)
-    except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logs.configure(level=settings.log_level, log_format=settings.log_format)
-    from consumers.sinks.analytics.service import run
-
-    try:
-        return run(settings)
-    except OSError as exc:  # e.g. the metrics port is taken
-        print(f"wifi-bridge: cannot run the analytics sink: {exc}", file=sys.stderr)
         return 1
 
 

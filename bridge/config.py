@@ -38,6 +38,21 @@ class Option:
 
 Values = Mapping[str, str | None]
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_options(prefix: str) -> tuple[Option, Option]:
+    """``<PREFIX>_LOG_LEVEL`` and ``<PREFIX>_LOG_FORMAT``, as every service has them."""
+    return (
+        Option(f"{prefix}_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+        Option(
+            f"{prefix}_LOG_FORMAT",
+            "auto",
+            "json, text, or auto (json unless stderr is a terminal)",
+            choices=("auto", "json", "text"),
+        ),
+    )
+
 
 def add_options(parser: argparse.ArgumentParser, title: str, options: Sequence[Option]) -> None:
     group = parser.add_argument_group(title)
@@ -98,6 +113,13 @@ def integer(values: Values, name: str, *, minimum: int, maximum: int | None = No
         upper = "" if maximum is None else f" and at most {maximum}"
         raise ConfigError(f"{name}: expected at least {minimum}{upper}, got {number}")
     return number
+
+
+def log_level(values: Values, name: str) -> str:
+    level = text(values, name).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{name}: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return level
 
 
 def boolean(values: Values, name: str) -> bool:

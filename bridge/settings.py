@@ -99,13 +99,7 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
         choices=("auto", "asyncio", "uvloop"),
     ),
     Option("BRIDGE_SHUTDOWN_TIMEOUT_S", "20", "on SIGTERM, how long in-flight requests may finish"),
-    Option("BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option(
-        "BRIDGE_LOG_FORMAT",
-        "auto",
-        "json, text, or auto (json unless stderr is a terminal)",
-        choices=("auto", "json", "text"),
-    ),
+    *config.log_options("BRIDGE"),
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
@@ -233,7 +227,7 @@ class BridgeSettings:
             producer=config.text(values, "BRIDGE_PRODUCER"),
             event_loop=config.text(values, "BRIDGE_EVENT_LOOP"),
             shutdown_timeout_s=config.integer(values, "BRIDGE_SHUTDOWN_TIMEOUT_S", minimum=0),
-            log_level=config.text(values, "BRIDGE_LOG_LEVEL").upper(),
+            log_level=config.log_level(values, "BRIDGE_LOG_LEVEL"),
             log_format=config.text(values, "BRIDGE_LOG_FORMAT"),
         )
         if (settings.basic_auth_username is None) != (settings.basic_auth_password is None):
@@ -242,11 +236,6 @@ class BridgeSettings:
             )
         if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
             raise ConfigError("BRIDGE_TLS_CERTFILE and BRIDGE_TLS_KEYFILE go together")
-        if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(
-                "BRIDGE_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, "
-                f"got {settings.log_level!r}"
-            )
         return settings
 
     @classmethod

@@ -78,13 +78,7 @@ PIPELINE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("PIPELINE_METRICS_HOST", "0.0.0.0", "address of the Prometheus /metrics endpoint"),
     Option("PIPELINE_METRICS_PORT", "9101", "port of /metrics; 0 turns it off"),
-    Option("PIPELINE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option(
-        "PIPELINE_LOG_FORMAT",
-        "auto",
-        "json, text, or auto (json unless stderr is a terminal)",
-        choices=("auto", "json", "text"),
-    ),
+    *config.log_options("PIPELINE"),
 )
 
 
@@ -123,11 +117,6 @@ class PipelineSettings:
                 f"PIPELINE_VISIT_RETENTION_S ({retention_s}) must be at least "
                 f"PIPELINE_VISIT_GAP_S ({gap_s})"
             )
-        log_level = config.text(values, "PIPELINE_LOG_LEVEL").upper()
-        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(
-                f"PIPELINE_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
-            )
         commit_interval_ms = config.integer(
             values, "PIPELINE_COMMIT_INTERVAL_MS", minimum=1, maximum=60_000
         )
@@ -163,7 +152,7 @@ class PipelineSettings:
             tick_ms=config.integer(values, "PIPELINE_TICK_MS", minimum=10, maximum=60_000),
             metrics_host=config.text(values, "PIPELINE_METRICS_HOST"),
             metrics_port=config.integer(values, "PIPELINE_METRICS_PORT", minimum=0, maximum=65535),
-            log_level=log_level,
+            log_level=config.log_level(values, "PIPELINE_LOG_LEVEL"),
             log_format=config.text(values, "PIPELINE_LOG_FORMAT"),
         )
 

@@ -59,13 +59,7 @@ CRM_OPTIONS: tuple[Option, ...] = (
         secret=True,
     ),
     Option("CRM_METRICS_PORT", "9103", "port of /metrics and /healthz"),
-    Option("CRM_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option(
-        "CRM_LOG_FORMAT",
-        "auto",
-        "json, text, or auto (json unless stderr is a terminal)",
-        choices=("auto", "json", "text"),
-    ),
+    *config.log_options("CRM"),
 )
 
 
@@ -122,7 +116,7 @@ class CrmSettings:
             webhook_url=config.optional_text(values, "CRM_WEBHOOK_URL"),
             webhook_secret=config.optional_text(values, "CRM_WEBHOOK_SECRET"),
             metrics_port=config.integer(values, "CRM_METRICS_PORT", minimum=0, maximum=65535),
-            log_level=config.text(values, "CRM_LOG_LEVEL").upper(),
+            log_level=config.log_level(values, "CRM_LOG_LEVEL"),
             log_format=config.text(values, "CRM_LOG_FORMAT"),
         )
         if settings.target == "hubspot":
@@ -139,10 +133,6 @@ class CrmSettings:
                 raise ConfigError("CRM_WEBHOOK_URL: an http(s) URL is required for webhook")
             if not settings.webhook_secret or len(settings.webhook_secret) < 16:
                 raise ConfigError("CRM_WEBHOOK_SECRET: 16 characters or more are required")
-        if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(
-                f"CRM_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {settings.log_level!r}"
-            )
         if settings.retry_initial_ms > settings.retry_max_s * 1000:
             raise ConfigError("CRM_RETRY_INITIAL_MS cannot exceed CRM_RETRY_MAX_S")
         return settings

@@ -55,13 +55,7 @@ ANALYTICS_OPTIONS: tuple[Option, ...] = (
     ),
     Option("ANALYTICS_METRICS_HOST", "0.0.0.0", "address of the /metrics and /healthz server"),
     Option("ANALYTICS_METRICS_PORT", "9102", "port of the /metrics and /healthz server (0: none)"),
-    Option("ANALYTICS_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option(
-        "ANALYTICS_LOG_FORMAT",
-        "auto",
-        "json, text, or auto (json unless stderr is a terminal)",
-        choices=("auto", "json", "text"),
-    ),
+    *config.log_options("ANALYTICS"),
 )
 
 
@@ -149,16 +143,11 @@ class AnalyticsSettings:
             commit_kafka_offsets=config.boolean(values, "ANALYTICS_COMMIT_KAFKA_OFFSETS"),
             metrics_host=config.text(values, "ANALYTICS_METRICS_HOST"),
             metrics_port=config.integer(values, "ANALYTICS_METRICS_PORT", minimum=0, maximum=65535),
-            log_level=config.text(values, "ANALYTICS_LOG_LEVEL").upper(),
+            log_level=config.log_level(values, "ANALYTICS_LOG_LEVEL"),
             log_format=config.text(values, "ANALYTICS_LOG_FORMAT"),
         )
         if settings.topic_dlq in settings.topics:
             raise ConfigError("ANALYTICS_TOPIC_DLQ must not be one of ANALYTICS_TOPICS")
-        if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(
-                "ANALYTICS_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, "
-                f"got {settings.log_level!r}"
-            )
         return settings
 
     @classmethod
