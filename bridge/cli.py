@@ -53,14 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wifi-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser(
+    _service_parser(
+        commands,
         "serve",
-        help="receive webhooks and publish them to Kafka",
-        description="Receive BT Wi-Fi webhooks and publish each to Kafka. Every flag mirrors "
-        "the environment variable named in its help; a flag wins over the variable.",
+        "receive webhooks and publish them to Kafka",
+        "Receive BT Wi-Fi webhooks and publish each to Kafka.",
+        ("receiver", BRIDGE_OPTIONS),
     )
-    config.add_options(serve, "Kafka", KAFKA_OPTIONS)
-    config.add_options(serve, "receiver", BRIDGE_OPTIONS)
 
     spool = commands.add_parser("spool", help="inspect or drain a spool directory")
     spool_commands = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
@@ -75,15 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("directory", type=Path)
     config.add_options(drain, "Kafka", KAFKA_OPTIONS)
 
-    pipeline = commands.add_parser(
+    _service_parser(
+        commands,
         "pipeline",
-        help="normalise, dedup, reorder and group raw logins into visits (exactly once)",
-        description="Read the raw topic in a consumer group and write clean records to the "
-        "visits, late and dead-letter topics inside Kafka transactions. Every flag mirrors the "
-        "environment variable named in its help.",
+        "normalise, dedup, reorder and group raw logins into visits (exactly once)",
+        "Read the raw topic in a consumer group and write clean records to the visits, late "
+        "and dead-letter topics inside Kafka transactions.",
+        ("pipeline", PIPELINE_OPTIONS),
     )
-    config.add_options(pipeline, "Kafka", KAFKA_OPTIONS)
-    config.add_options(pipeline, "pipeline", PIPELINE_OPTIONS)
 
     simulate = commands.add_parser(
         "simulate",
@@ -97,23 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(simulate)
     sink = commands.add_parser("sink", help="run a sink of the canonical login topics")
     sinks = sink.add_subparsers(dest="sink", required=True, metavar="SINK")
-    crm = sinks.add_parser(
+    _service_parser(
+        sinks,
         "crm",
-        help="upsert visitors as CRM contacts (HubSpot, a signed webhook, or a local outbox)",
-        description="Read canonical login records and upsert each visitor as a CRM contact, "
-        "at most once per CRM_MIN_INTERVAL_S. Every flag mirrors the environment variable "
-        "named in its help; a flag wins over the variable.",
+        "upsert visitors as CRM contacts (HubSpot, a signed webhook, or a local outbox)",
+        "Read canonical login records and upsert each visitor as a CRM contact, at most once "
+        "per CRM_MIN_INTERVAL_S.",
+        ("CRM sink", CRM_OPTIONS),
     )
-    config.add_options(crm, "Kafka", KAFKA_OPTIONS)
-    config.add_options(crm, "CRM sink", CRM_OPTIONS)
-    analytics = sinks.add_parser(
+    _service_parser(
+        sinks,
         "analytics",
-        help="logins, visits and daily venue figures into PostgreSQL or DuckDB",
-        description="Consume canonical login records and write them, with their offsets, to "
-        "the analytics tables. Every flag mirrors the environment variable named in its help.",
+        "logins, visits and daily venue figures into PostgreSQL or DuckDB",
+        "Consume canonical login records and write them, with their offsets, to the analytics "
+        "tables.",
+        ("analytics sink", ANALYTICS_OPTIONS),
     )
-    config.add_options(analytics, "Kafka", KAFKA_OPTIONS)
-    config.add_options(analytics, "analytics sink", ANALYTICS_OPTIONS)
 
     report = commands.add_parser(
         "report",
@@ -132,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
+
+
+def _service_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    options: tuple[str, tuple[Option, ...]],
+) -> None:
+    """A service's subcommand: its Kafka options and its own, each a flag mirroring a variable."""
+    command = commands.add_parser(
+        name,
+        help=summary,
+        description=f"{description} Every flag mirrors the environment variable named in its "
+        "help; a flag wins over the variable.",
+    )
+    config.add_options(command, "Kafka", KAFKA_OPTIONS)
+    config.add_options(command, *options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
