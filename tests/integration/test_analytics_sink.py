@@ -24,6 +24,7 @@ import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
@@ -273,12 +274,13 @@ SpawnSink = Callable[..., SinkProcess]
 def spawn_sink(kafka_bootstrap: str, topics: Topics, tmp_path: Path) -> Iterator[SpawnSink]:
     processes: list[subprocess.Popen[bytes]] = []
 
-    def spawn(target: AnalyticsTarget, **overrides: str) -> SinkProcess:
+    def spawn(target: AnalyticsTarget, module: str = "bridge", **overrides: str) -> SinkProcess:
+        """``python -m <module> sink analytics`` (another module: a drop-in for the CLI)."""
         env = sink_env(kafka_bootstrap, target, topics, **overrides)
         log_path = tmp_path / f"sink-{len(processes)}.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "sink", "analytics"],
+                [sys.executable, "-m", module, "sink", "analytics"],
                 cwd=ROOT,
                 env={**os.environ, **env},
                 stdout=log_file,
@@ -325,71 +327,92 @@ async def count_logins(url: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.postgres
 async def test_sigkill_during_a_batch_then_restart_loses_nothing_and_duplicates_nothing(
     kafka_bootstrap: str,
     topics: Topics,
     spawn_sink: SpawnSink,
-    postgres_server: str,
+    analytics_target: AnalyticsTarget,
     tmp_path: Path,
 ) -> None:
-    from tests.fixtures.postgres import create_database, drop_database
-
-    target = AnalyticsTarget("postgresql", await create_database(postgres_server))
+    target = analytics_target
     stream = many_logins(topics, users=60, per_user=30)
     await produce(kafka_bootstrap, stream, per_transaction=200)
     group = {"ANALYTICS_GROUP_ID": "crash-test", "ANALYTICS_BATCH_MAX_RECORDS": "100"}
 
-    first = spawn_sink(target, **group)
+    # The fourth batch halts inside its transaction, its logins inserted, its aggregates and
+    # its position not yet written: the kill lands there, on either store.
+    marker = tmp_path / "halted.json"
+    first = spawn_sink(
+        target,
+        module="tests.fixtures.halting_sink",
+        HALT_AFTER_WRITES="3",
+        HALT_MARKER=str(marker),
+        **group,
+    )
+    await wait_for(_exists(marker), "the sink to halt inside a batch", first)
+    halted = orjson.loads(marker.read_bytes())
+    assert halted["in_flight"] > 0
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    port = target.port()
+    # The batch in flight left nothing; the batches before it are all there.
+    assert await fetch_one(port, "SELECT count(*) FROM logins") == halted["written"]
+    await assert_aggregates_match_logins(port)
+    await target.close()  # DuckDB admits one process at a time: the sink's turn
+    remaining = len(stream) - halted["written"]
+    assert 0 < remaining < len(stream)
+
+    second = spawn_sink(target, **group)
+    logins_written = "wifi_sink_analytics_rows_written_total"
+    await wait_for(
+        lambda: _sample_at_least(second, logins_written, remaining, table="logins"),
+        "every login after the restart",
+        second,
+    )
+    await asyncio.sleep(1.0)  # anything duplicated would show up now
+    assert await _sample(second, logins_written, table="logins") == remaining
+    # It resumed from the positions stored with the rows: nothing already stored was re-read.
+    assert await _sample(second, "wifi_sink_analytics_duplicate_records_total") == 0
+    second.process.send_signal(signal.SIGTERM)
+    assert second.process.wait(timeout=30) == 0, second.logs()
+
+    port = target.port()
+    assert await fetch_one(port, "SELECT count(*) FROM logins") == len(stream)
+    assert await fetch_one(port, "SELECT count(DISTINCT event_id) FROM logins") == len(stream)
+    assert await fetch_one(port, "SELECT sum(logins) FROM visits") == len(stream)
+    assert await fetch_one(port, "SELECT sum(logins) FROM venue_daily") == len(stream)
+    assert await fetch_one(port, "SELECT sum(new_visits) FROM venue_daily") == 60 * 10
+    assert await fetch_one(port, "SELECT sum(unique_visitors) FROM venue_daily") == 60
+    await assert_aggregates_match_logins(port)
+    assert '"level":"error"' not in second.logs()
+
+
+def _exists(path: Path) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await asyncio.to_thread(path.exists)
+
+    return check
+
+
+async def _sample(sink: SinkProcess, name: str, **labels: str) -> float:
+    """The value of one sample the sink exports (0 when absent or not answering yet)."""
     try:
-        await wait_for(lambda: _at_least(target.url, 300), "the first batches", first)
-        # Hold a lock the sink's next transaction needs, so the kill lands inside a batch:
-        # its logins are inserted but the transaction cannot commit.
-        blocker = await asyncpg.connect(target.url)
-        try:
-            async with blocker.transaction():
-                await blocker.execute("LOCK TABLE venue_daily IN EXCLUSIVE MODE")
-                await wait_for(
-                    lambda: _waiting_on_lock(blocker), "the sink to wait inside a batch", first
-                )
-                first.process.send_signal(signal.SIGKILL)
-                first.process.wait(timeout=10)
-        finally:
-            await blocker.close()
-        partial = await count_logins(target.url)
-        assert 0 < partial < len(stream)
+        body = await _scrape(sink)
+    except aiohttp.ClientError:
+        return 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
 
-        second = spawn_sink(target, **group)
-        await wait_for(
-            lambda: _at_least(target.url, len(stream)), "every login after the restart", second
-        )
-        await asyncio.sleep(1.0)  # anything duplicated would show up now
-        second.process.send_signal(signal.SIGTERM)
-        assert second.process.wait(timeout=30) == 0, second.logs()
 
-        port = target.port()
-        assert await fetch_one(port, "SELECT count(*) FROM logins") == len(stream)
-        assert await fetch_one(port, "SELECT sum(logins) FROM visits") == len(stream)
-        assert await fetch_one(port, "SELECT sum(logins) FROM venue_daily") == len(stream)
-        assert await fetch_one(port, "SELECT sum(new_visits) FROM venue_daily") == 60 * 10
-        assert await fetch_one(port, "SELECT sum(unique_visitors) FROM venue_daily") == 60
-        await assert_aggregates_match_logins(port)
-        assert '"level":"error"' not in second.logs()
-    finally:
-        await target.close()
-        await drop_database(postgres_server, target.url)
+async def _sample_at_least(sink: SinkProcess, name: str, value: float, **labels: str) -> bool:
+    return await _sample(sink, name, **labels) >= value
 
 
 async def _at_least(url: str, count: int) -> bool:
     return await count_logins(url) >= count
-
-
-async def _waiting_on_lock(connection: asyncpg.Connection[Any]) -> bool:
-    waiting = await connection.fetchval(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE application_name = 'wifi-sink-analytics' AND wait_event_type = 'Lock'"
-    )
-    return bool(waiting)
 
 
 @pytest.mark.slow
