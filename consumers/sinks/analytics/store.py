@@ -381,15 +381,13 @@ class AnalyticsStore:
         return aggregate(inserted, known_visits=known, new_visitor_days=new_visitor_days)
 
     async def _upsert(self, aggregates: Aggregates) -> None:
+        # The deltas are tuples in their tables' column order: they are the rows.
         if aggregates.visits:
-            rows = [visit.row() for visit in aggregates.visits]
-            await self._sql.insert_rows("visits", VISIT_COLUMNS, rows, _VISITS_TAIL)
+            await self._sql.insert_rows("visits", VISIT_COLUMNS, aggregates.visits, _VISITS_TAIL)
         if aggregates.venue_days:
-            rows = [
-                (d.venue_id, d.day, d.logins, d.unique_visitors, d.new_visits)
-                for d in aggregates.venue_days
-            ]
-            await self._sql.insert_rows("venue_daily", _VENUE_DAY_COLUMNS, rows, _VENUE_DAYS_TAIL)
+            await self._sql.insert_rows(
+                "venue_daily", _VENUE_DAY_COLUMNS, aggregates.venue_days, _VENUE_DAYS_TAIL
+            )
 
 
 _VENUE_DAY_COLUMNS: Final = ("venue_id", "day", "logins", "unique_visitors", "new_visits")
