@@ -144,7 +144,12 @@ def run(args: argparse.Namespace) -> int:
             progress=None if args.quiet else sys.stderr,
         )
     )
-    summary = {"sent": tally.as_dict(), "expected": expected.as_dict()}
+    summary = {
+        "sent": tally.as_dict(),
+        "expected": expected.as_dict(),
+        # Redeliveries and retries repeat their login's event id: one id per unique login.
+        "event_ids": sorted({d.event_id for d in deliveries}),
+    }
     print(
         f"posts: {tally.sent} sent, {tally.accepted} accepted, {tally.failed_attempts} failed "
         f"attempts, {tally.outage_skipped} held by the outage and retried, {tally.gave_up} "
