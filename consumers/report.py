@@ -2,24 +2,42 @@
 
 Reads the tables the analytics sink writes (``ANALYTICS_URL``: PostgreSQL or the DuckDB file);
 writes nothing. A DuckDB file is opened read-only, briefly, and the open is retried while the
-sink holds it for a batch.
+sink holds it for a batch. Given a broker (``KAFKA_BOOTSTRAP_SERVERS``) it also counts the raw
+topic (posts accepted, redeliveries) and the dead-letter topic; given the CRM sink's file
+(``CRM_STATE_DB``), the upserts in its outbox: the numbers ``make run`` reconciles.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
+import sys
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bridge import config
+from bridge.errors import ConfigError
+from bridge.settings import KAFKA_OPTIONS, KafkaSettings
+from consumers.counts import CountError, OutboxCount, TopicCount, count_outbox, count_topic
 from consumers.sinks.analytics.settings import parse_store_url
 from consumers.sinks.analytics.store import SqlPort
 
-__all__ = ["Report", "VenueLine", "fetch", "format_text", "read_report", "render_chart"]
+__all__ = [
+    "KafkaCounts",
+    "Report",
+    "VenueLine",
+    "add_arguments",
+    "fetch",
+    "format_text",
+    "read_report",
+    "render_chart",
+    "run",
+]
 
 _MAX_BUCKETS = 60
 _MIN_BUCKET_S = 10
@@ -36,6 +54,18 @@ class VenueLine:
     visits: int
 
 
+@dataclass(frozen=True, slots=True)
+class KafkaCounts:
+    """What the bridge's topics hold, as far as their retention reaches."""
+
+    raw_topic: str
+    raw: TopicCount
+    """Every post the bridge accepted is one record here; a redelivery repeats an event id."""
+    dlq_topic: str
+    dead_letters: int
+    """Records any stage (bridge, pipeline, either sink) wrote to the dead-letter topic."""
+
+
 @dataclass(slots=True)
 class Report:
     logins: int = 0
@@ -48,8 +78,18 @@ class Report:
     venues: list[VenueLine] = field(default_factory=list)
     by_second: dict[str, dict[datetime, int]] = field(default_factory=dict)
     """Logins per venue id and UTC second, over the day before the latest login."""
+    kafka: KafkaCounts | None = None
+    crm: OutboxCount | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.kafka is not None:
+            extra["raw_records"] = self.kafka.raw.records
+            extra["redeliveries"] = self.kafka.raw.redeliveries
+            extra["dead_letters"] = self.kafka.dead_letters
+        if self.crm is not None:
+            extra["crm_upserts"] = self.crm.upserts
+            extra["crm_contacts"] = self.crm.contacts
         return {
             "logins": self.logins,
             "late_logins": self.late_logins,
@@ -66,6 +106,7 @@ class Report:
                 }
                 for v in self.venues
             ],
+            **extra,
         }
 
 
@@ -193,6 +234,19 @@ def format_text(report: Report) -> str:
         f"logins: {report.logins} ({report.late_logins} late){span}",
         f"unique visitors: {report.visitors}",
         f"visits: {report.visits} (new visits: {report.new_visits})",
+    ]
+    if report.kafka is not None:
+        raw = report.kafka.raw
+        lines += [
+            f"posts accepted: {raw.records} (records in {report.kafka.raw_topic}), "
+            f"redeliveries among them: {raw.redeliveries}",
+            f"dead letters: {report.kafka.dead_letters} (records in {report.kafka.dlq_topic})",
+        ]
+    if report.crm is not None:
+        lines.append(
+            f"CRM upserts: {report.crm.upserts} (outbox rows; {report.crm.contacts} contacts)"
+        )
+    lines += [
         "",
         f"{'venue':<10}{'name':<24}{'logins':>8}{'visitors':>10}{'visits':>8}",
     ]
@@ -241,3 +295,114 @@ def render_chart(report: Report, path: Path, *, top_venues: int = 10) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     pyplot.close(figure)
+
+
+# -- the command
+
+
+_TOPIC_SHAPE = {
+    "KAFKA_CREATE_TOPICS",
+    "KAFKA_TOPIC_PARTITIONS",
+    "KAFKA_REPLICATION_FACTOR",
+    "KAFKA_MIN_INSYNC_REPLICAS",
+}
+_DEFAULT_ANALYTICS_URL = "duckdb:///.data/analytics.duckdb"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``wifi-bridge report``."""
+    a = parser.add_argument
+    a(
+        "--analytics-url",
+        default=None,
+        metavar="ANALYTICS_URL",
+        help=f"the store to read [env ANALYTICS_URL, default {_DEFAULT_ANALYTICS_URL!r}]",
+    )
+    a("--chart", type=Path, default=None, help="write the chart to this PNG")
+    a("--json", action="store_true", help="print the numbers as JSON")
+    a(
+        "--crm-state-db",
+        type=Path,
+        default=None,
+        metavar="CRM_STATE_DB",
+        help="also count the upserts in this CRM sink file's outbox [env CRM_STATE_DB; "
+        "default: not counted]",
+    )
+    kafka = parser.add_argument_group(
+        "Kafka", "given brokers, the report also counts the raw and dead-letter topics"
+    )
+    kafka.add_argument(
+        "--kafka-bootstrap-servers",
+        default=None,
+        metavar="KAFKA_BOOTSTRAP_SERVERS",
+        help="brokers, comma-separated host:port [env KAFKA_BOOTSTRAP_SERVERS; default: not "
+        "counted]",
+    )
+    kafka.add_argument(
+        "--raw-topic",
+        default="wifi.auth.raw",
+        help="the bridge's raw topic (default %(default)s)",
+    )
+    kafka.add_argument(
+        "--dlq-topic",
+        default="wifi.auth.dlq",
+        help="the dead-letter topic every stage writes (default %(default)s)",
+    )
+    config.add_options(
+        parser,
+        "Kafka security",
+        [
+            o
+            for o in KAFKA_OPTIONS
+            if o.env != "KAFKA_BOOTSTRAP_SERVERS" and o.env not in _TOPIC_SHAPE
+        ],
+    )
+
+
+def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``wifi-bridge report``: exit 0, 1 when a source cannot be read, 2 for a bad setting."""
+    import orjson
+
+    url = args.analytics_url or environ.get("ANALYTICS_URL", _DEFAULT_ANALYTICS_URL)
+    crm_state_db = args.crm_state_db or environ.get("CRM_STATE_DB") or None
+    try:
+        parse_store_url(url)
+        kafka: KafkaSettings | None = None
+        if args.kafka_bootstrap_servers or environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            kafka = KafkaSettings.from_values(config.resolve(KAFKA_OPTIONS, args, environ))
+    except ConfigError as exc:
+        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(read_report(url))
+    except FileNotFoundError as exc:
+        print(f"wifi-bridge report: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the store refused: name the kind of error, never the URL
+        print(f"wifi-bridge report: cannot read the store: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    try:
+        if kafka is not None:
+            from bridge.rdkafka import client_config
+
+            client = client_config(kafka)
+            result.kafka = KafkaCounts(
+                args.raw_topic,
+                count_topic(client, args.raw_topic),
+                args.dlq_topic,
+                count_topic(client, args.dlq_topic).records,
+            )
+        if crm_state_db is not None:
+            result.crm = count_outbox(Path(crm_state_db))
+    except (CountError, FileNotFoundError) as exc:
+        print(f"wifi-bridge report: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_text(result))
+    if args.chart is not None:
+        render_chart(result, args.chart)
+        print(f"chart: {args.chart}", file=sys.stderr)
+    return 0
