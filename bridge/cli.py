@@ -116,16 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="what the analytics store holds: totals, per venue, and a chart",
         description="Read the analytics tables (ANALYTICS_URL) and print logins, visitors and "
-        "visits in total and per venue; with --chart, draw logins per venue over time as a PNG.",
+        "visits in total and per venue; with --chart, draw logins per venue over time as a PNG. "
+        "Given brokers, also count the raw and dead-letter topics; given CRM_STATE_DB, the "
+        "CRM outbox.",
     )
-    report.add_argument(
-        "--analytics-url",
-        default=None,
-        metavar="ANALYTICS_URL",
-        help="the store to read [env ANALYTICS_URL, default 'duckdb:///.data/analytics.duckdb']",
-    )
-    report.add_argument("--chart", type=Path, default=None, help="write the chart to this PNG")
-    report.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    from consumers.report import add_arguments as report_arguments
+
+    report_arguments(report)
 
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
@@ -157,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "spool":
         return _spool(args)
     if args.command == "report":
-        return _report(args)
+        from consumers.report import run as report_run
+
+        return report_run(args, os.environ)
     if args.command == "simulate":
         from simulator.cli import run as simulate
 
@@ -207,36 +206,6 @@ def _service(
     except OSError as exc:  # e.g. the port is taken
         print(f"wifi-bridge: cannot run {what}: {exc}", file=sys.stderr)
         return 1
-
-
-def _report(args: argparse.Namespace) -> int:
-    import orjson
-
-    from consumers import report
-    from consumers.sinks.analytics.settings import parse_store_url
-
-    url = args.analytics_url or os.environ.get("ANALYTICS_URL", "duckdb:///.data/analytics.duckdb")
-    try:
-        parse_store_url(url)
-        result = asyncio.run(report.read_report(url))
-    except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"wifi-bridge report: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # the store refused: name the kind of error, never the URL
-        print(f"wifi-bridge report: cannot read the store: {type(exc).__name__}", file=sys.stderr)
-        return 1
-    if args.json:
-        sys.stdout.write(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2).decode())
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(report.format_text(result))
-    if args.chart is not None:
-        report.render_chart(result, args.chart)
-        print(f"chart: {args.chart}", file=sys.stderr)
-    return 0
 
 
 def _spool(args: argparse.Namespace) -> int:
