@@ -85,7 +85,7 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("BRIDGE_SPOOL_MAX_BYTES", "1073741824", "size cap of the spool; past it: 503"),
     Option("BRIDGE_SPOOL_FSYNC", "true", "fsync spooled records (false only for tests)"),
-    Option("BRIDGE_LINGER_MS", "5", "producer linger: how long a batch waits to fill"),
+    Option("BRIDGE_LINGER_MS", "1", "producer linger: how long a batch waits to fill"),
     Option(
         "BRIDGE_PRODUCER",
         "librdkafka",
@@ -181,7 +181,7 @@ class BridgeSettings:
     spool_dir: Path = Path(".spool")
     spool_max_bytes: int = 1 << 30
     spool_fsync: bool = True
-    linger_ms: int = 5
+    linger_ms: int = 1
     producer: str = "librdkafka"
     event_loop: str = "auto"
     shutdown_timeout_s: int = 20
