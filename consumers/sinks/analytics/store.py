@@ -3,8 +3,8 @@
 The algorithm is written once against :class:`SqlPort`, a few async calls that PostgreSQL
 (:mod:`.postgres`) and DuckDB (:mod:`.duckdb_store`) each implement; the SQL is the dialect the
 two share (``$n`` parameters, ``unnest`` of array parameters, ``ON CONFLICT``, ``RETURNING``),
-and each adapter loads a batch's rows its own fastest way (PostgreSQL: binary ``COPY`` into a
-staging table; DuckDB: column lists).
+and each adapter loads a batch's rows its own fastest way (PostgreSQL: binary ``COPY`` for new
+logins, binary arrays through ``unnest`` otherwise; DuckDB: column lists).
 
 One batch is one database transaction:
 
