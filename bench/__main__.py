@@ -10,6 +10,9 @@ default) and against the same Kafka broker:
 
 - ``bare``: an aiohttp handler that reads the body and answers 200 (the ceiling);
 - ``naive``: one ``send_and_wait`` per request, aiokafka with default settings;
+- ``keyed``: the least a correct keyed listener does on librdkafka (parse for the key, produce
+  acks=all, answer after the ack; see :mod:`bench.servers`): what keyed publishing to 12
+  partitions costs by itself;
 - ``bridge``: ``wifi-bridge serve`` as shipped (librdkafka producer, acks=all, idempotent);
 - ``bridge-aiokafka``: the same with ``BRIDGE_PRODUCER=aiokafka``, the measured alternative;
 - ``bridge-spool``: the bridge while Kafka is down (it points at a port nobody listens on), so
@@ -221,7 +224,7 @@ def bench_http(args: argparse.Namespace) -> int:
         print("make bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
 
-    kinds = ("bare", "naive", "bridge", "bridge-aiokafka", "bridge-spool")
+    kinds = ("bare", "naive", "keyed", "bridge", "bridge-aiokafka", "bridge-spool")
     results: dict[str, list[Result]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, broker() as bootstrap:
         script = Path(tmp) / "post.lua"
@@ -274,6 +277,8 @@ def bench_http(args: argparse.Namespace) -> int:
     print(f"  the same, median of the rounds' own ratios: {per_round:.2f}")
     print(f"bridge / naive send_and_wait:    {median['bridge'] / median['naive']:.2f}")
     print(f"naive  / bare aiohttp:           {median['naive'] / median['bare']:.2f}")
+    print(f"keyed minimum / bare aiohttp:    {median['keyed'] / median['bare']:.2f}")
+    print(f"bridge / keyed minimum:          {median['bridge'] / median['keyed']:.2f}")
     aiokafka_ratio = median["bridge-aiokafka"] / median["bare"]
     print(f"bridge on aiokafka / bare:       {aiokafka_ratio:.2f}  (the other producer client)")
     # Throughput also depends on what else shares the machine (the broker and wrk run beside
