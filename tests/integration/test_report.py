@@ -45,13 +45,18 @@ def image_size(png: Path) -> tuple[int, int]:
     return width, height
 
 
+async def store_known_stream(target: AnalyticsTarget) -> None:
+    """Write the known stream into ``target`` and close it (the report opens it itself)."""
+    store = target.store()
+    (claim,) = await store.claim(TOPIC, [0])
+    await store.write(known_stream(), [Position(TOPIC, 0, claim.epoch, 7)])
+    await target.close()
+
+
 async def test_report_counts_a_known_stream_and_draws_its_chart(
     analytics_target: AnalyticsTarget, tmp_path: Path
 ) -> None:
-    store = analytics_target.store()
-    (claim,) = await store.claim(TOPIC, [0])
-    await store.write(known_stream(), [Position(TOPIC, 0, claim.epoch, 7)])
-    await analytics_target.close()  # the report opens the store itself
+    await store_known_stream(analytics_target)
 
     report = await read_report(analytics_target.url)
 
@@ -136,10 +141,7 @@ async def test_report_adds_posts_redeliveries_dead_letters_and_crm_upserts_when_
     kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'analytics.duckdb'}")
-    store = target.store()
-    (claim,) = await store.claim(TOPIC, [0])
-    await store.write(known_stream(), [Position(TOPIC, 0, claim.epoch, 7)])
-    await target.close()
+    await store_known_stream(target)
     raw, dlq = unique_topic("raw"), unique_topic("dlq")
     await create_topics(kafka_bootstrap, raw, dlq)
     produce(kafka_bootstrap, raw, ["u1-a", "u2-a", "u1-a2", "u1-a2", "u3-a", "u1-b", "u2-a2"])
@@ -183,10 +185,7 @@ async def test_report_counts_only_what_it_is_given_and_never_guesses_a_missing_s
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'analytics.duckdb'}")
-    store = target.store()
-    (claim,) = await store.claim(TOPIC, [0])
-    await store.write(known_stream(), [Position(TOPIC, 0, claim.epoch, 7)])
-    await target.close()
+    await store_known_stream(target)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
 
