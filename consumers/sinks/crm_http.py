@@ -27,9 +27,10 @@ class Answer:
 class HttpClient:
     """POSTs JSON bodies within a rate limit; raises the CRM port's errors for failures.
 
-    A 2xx answer (including 207) is returned; 429, 5xx, 401/403, timeouts and connection
-    errors raise :class:`CrmUnavailable` (a 429's ``Retry-After`` also blocks the limiter);
-    any other status raises :class:`CrmBatchRejected` with the answer's text.
+    A 2xx answer (including 207) is returned; 429, 5xx, 401/403, 3xx (redirects are not
+    followed), timeouts and connection errors raise :class:`CrmUnavailable` (a 429's
+    ``Retry-After`` also blocks the limiter); any other status raises
+    :class:`CrmBatchRejected` with the answer's text.
     """
 
     def __init__(
@@ -61,7 +62,9 @@ class HttpClient:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         started = time.perf_counter()
         try:
-            async with self._session.post(url, data=body, headers=dict(headers)) as response:
+            async with self._session.post(
+                url, data=body, headers=dict(headers), allow_redirects=False
+            ) as response:
                 text = await response.text(errors="replace")
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
@@ -89,6 +92,11 @@ class HttpClient:
                 self._limiter.block_until(self._clock() + (retry_after_s or 1.0))
             if reason is RetryReason.UNAUTHORIZED:
                 log.error("the CRM refuses the credentials", extra={"crm": self._crm})
+            elif reason is RetryReason.REDIRECTED:
+                log.error(
+                    "the CRM's URL answers with a redirect: set the final URL",
+                    extra={"crm": self._crm, "status": status},
+                )
             raise CrmUnavailable(
                 f"{self._crm} answered {status}", reason=reason, retry_after_s=retry_after_s
             )

@@ -21,6 +21,7 @@ class RetryReason(StrEnum):
     CONNECTION_ERROR = "connection_error"
     TIMEOUT = "timeout"
     UNAUTHORIZED = "unauthorized"
+    REDIRECTED = "redirected"
     RECORD_RETRYABLE = "record_retryable"
 
 
@@ -34,10 +35,14 @@ def classify_status(status: int) -> tuple[Verdict, RetryReason | None]:
     """What an HTTP status of a whole request means for it.
 
     401 and 403 are retried, not rejected: a wrong or expired credential is an operator's
-    problem that must not send every record to the dead-letter topic while it lasts.
+    problem that must not send every record to the dead-letter topic while it lasts. So is a
+    3xx: the URL is wrong (http for https, a moved path), and following the redirect would
+    turn the POST into a GET whose 200 says nothing about the contacts.
     """
     if 200 <= status < 300:
         return Verdict.ACCEPTED, None
+    if 300 <= status < 400:
+        return Verdict.RETRY, RetryReason.REDIRECTED
     if status == 429:
         return Verdict.RETRY, RetryReason.RATE_LIMITED
     if status in (401, 403):

@@ -135,6 +135,32 @@ async def test_webhook_status_decides_between_rejected_and_retry(
         await crm.close()
 
 
+async def test_a_redirecting_crm_url_is_retried_and_never_counts_as_accepted() -> None:
+    # An http:// URL in front of an https-only CRM, say: a client that followed the 301 would
+    # GET the target, get its 200 and take the contacts as upserted.
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently(location="/contacts")
+
+    async def target(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/old", moved)
+    app.router.add_get("/contacts", target)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    crm = WebhookCrm(url=f"http://127.0.0.1:{port}/old", secret=SECRET, http=http())
+    try:
+        with pytest.raises(CrmUnavailable) as raised:
+            await crm.upsert(contacts(2))
+        assert raised.value.reason is RetryReason.REDIRECTED
+    finally:
+        await crm.close()
+        await runner.cleanup()
+
+
 async def test_unreachable_crm_is_a_connection_error_to_retry() -> None:
     crm = WebhookCrm(url=f"http://127.0.0.1:{free_port()}/", secret=SECRET, http=http())
     try:

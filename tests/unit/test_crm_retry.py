@@ -27,6 +27,8 @@ from consumers.sinks.crm_retry import (
         (408, Verdict.RETRY, RetryReason.SERVER_ERROR),
         (401, Verdict.RETRY, RetryReason.UNAUTHORIZED),
         (403, Verdict.RETRY, RetryReason.UNAUTHORIZED),
+        (301, Verdict.RETRY, RetryReason.REDIRECTED),
+        (308, Verdict.RETRY, RetryReason.REDIRECTED),
         (400, Verdict.REJECTED, None),
         (409, Verdict.REJECTED, None),
         (422, Verdict.REJECTED, None),
