@@ -23,7 +23,8 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.kafka import TopicSpec, ensure_topics
@@ -601,4 +602,39 @@ async def test_a_stored_position_past_the_end_of_a_recreated_topic_reads_it_from
 
     await run_sink_until(analytics_target, len(stream), ANALYTICS_GROUP_ID=group)
 
+    assert await fetch_one(analytics_target.port(), "SELECT count(*) FROM logins") == 6
+
+
+async def test_a_kafka_error_while_positioning_a_claim_is_retried_not_a_crash(
+    kafka_bootstrap: str,
+    topics: Topics,
+    analytics_target: AnalyticsTarget,
+    run_sink_until: RunSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    group = f"sink-test-{uuid.uuid4().hex[:8]}"
+    store = analytics_target.store(group_id=group)
+    # Stored positions, so the claim asks Kafka where each partition ends.
+    claims = await store.claim(topics.visits, list(range(PARTITIONS)))
+    await store.write([], [Position(topics.visits, c.partition, c.epoch, 0) for c in claims])
+    await analytics_target.close()
+    stream = known_stream(topics)
+    await produce(kafka_bootstrap, stream, per_transaction=3)
+    # What a partition without a leader (a broker restarting) answers, once.
+    end_offsets = AIOKafkaConsumer.end_offsets
+    failures = [KafkaTimeoutError()]
+
+    async def first_call_times_out(self: AIOKafkaConsumer, partitions: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await end_offsets(self, partitions)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "end_offsets", first_call_times_out)
+
+    metrics = await run_sink_until(analytics_target, len(stream), ANALYTICS_GROUP_ID=group)
+
+    assert not failures
+    retries = metrics.registry.get_sample_value("wifi_sink_analytics_retries_total")
+    assert retries is not None
+    assert retries >= 1
     assert await fetch_one(analytics_target.port(), "SELECT count(*) FROM logins") == 6

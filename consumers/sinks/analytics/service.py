@@ -211,6 +211,8 @@ class AnalyticsSink:
                     next_offset = claim.next_offset
                     if next_offset is not None:
                         end = (await consumer.end_offsets([tp]))[tp]
+                        if tp not in self._unclaimed:
+                            continue  # revoked meanwhile: its new owner claims it
                         if next_offset > end:
                             # The stored position is past the end of the log: the topic was
                             # deleted and created again (or this database met another
@@ -229,6 +231,8 @@ class AnalyticsSink:
                             next_offset = None
                     if next_offset is None:
                         await consumer.seek_to_beginning(tp)
+                        if tp not in self._unclaimed:
+                            continue
                     else:
                         consumer.seek(tp, next_offset)
                     self._epochs[tp] = claim.epoch
@@ -250,6 +254,15 @@ class AnalyticsSink:
             log.warning(
                 "cannot claim partitions, retrying",
                 extra={"error": exc.message, "backoff_s": self._backoff_s},
+            )
+            return False
+        except KafkaError as exc:
+            # No leader for a partition (a broker restarting) or a rebalance under the seek:
+            # the partitions left unclaimed stay paused and are claimed after the backoff.
+            self._metrics.retries.inc()
+            log.warning(
+                "cannot position claimed partitions, retrying",
+                extra={"error": type(exc).__name__, "backoff_s": self._backoff_s},
             )
             return False
         self._metrics.store_up.set(1)
@@ -290,10 +303,11 @@ class AnalyticsSink:
             assigned = consumer.assignment()
             for tp in lost:
                 self._forget(tp)
-                consumer.pause(tp)
                 # Still ours in Kafka's view: a claim that raced a rebalance. Claim it again
                 # (after the backoff); if this instance is the zombie, its revocation is near.
+                # (Pausing a partition Kafka took away meanwhile would raise.)
                 if tp in assigned:
+                    consumer.pause(tp)
                     self._unclaimed.add(tp)
             self._rewind(consumer, batch)
             self._metrics.owned_partitions.set(len(self._epochs))
