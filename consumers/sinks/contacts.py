@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from bridge.errors import WifiBridgeError
 
@@ -133,6 +133,11 @@ class Plan:
     skipped: Counter[Skip]
 
 
+#: How far a login's time may lie after the bridge received its webhook: the sender's and the
+#: bridge's clocks may disagree a little, a login cannot come after its own webhook.
+MAX_CLOCK_SKEW_MS: Final = 3_600_000
+
+
 def login_from_record(record: Mapping[str, Any], *, ref: int = 0) -> Login:
     """The fields of a canonical record the CRM needs; raises :class:`UnreadableRecord`."""
     user = _section(record, "user")
@@ -150,10 +155,16 @@ def login_from_record(record: Mapping[str, Any], *, ref: int = 0) -> Login:
     if event_id is None:
         raise UnreadableRecord("eventId is missing")
     email = _optional_text(user, "email", "user.email")
+    event_ms = _time_ms(record.get("authenticationTime"), "authenticationTime")
+    received = record.get("receivedAt")
+    if received is not None and event_ms > _time_ms(received, "receivedAt") + MAX_CLOCK_SKEW_MS:
+        # A login cannot happen after its webhook arrived. Synced, such a time would make every
+        # later login of the user look stale until the clocks caught up with it.
+        raise UnreadableRecord("authenticationTime is more than an hour after receivedAt")
     return Login(
         user_key=user_key,
         event_id=event_id,
-        event_ms=_time_ms(record.get("authenticationTime")),
+        event_ms=event_ms,
         email=email.lower() if email and "@" in email else None,
         first_name=_optional_text(user, "firstName", "user.firstName"),
         last_name=_optional_text(user, "lastName", "user.lastName"),
@@ -272,15 +283,15 @@ def _optional_text(section: Mapping[str, Any], name: str, path: str) -> str | No
     return value or None
 
 
-def _time_ms(value: Any) -> int:
+def _time_ms(value: Any, name: str) -> int:
     if not isinstance(value, str):
-        raise UnreadableRecord("authenticationTime is missing or not a string")
+        raise UnreadableRecord(f"{name} is missing or not a string")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise UnreadableRecord("authenticationTime is not an ISO 8601 time") from None
+        raise UnreadableRecord(f"{name} is not an ISO 8601 time") from None
     if parsed.tzinfo is None:
-        raise UnreadableRecord("authenticationTime has no UTC offset")
+        raise UnreadableRecord(f"{name} has no UTC offset")
     return round(parsed.timestamp() * 1000)
 
 

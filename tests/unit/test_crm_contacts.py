@@ -190,3 +190,15 @@ def test_no_two_upserts_of_a_user_are_closer_than_the_interval_one_login_per_bat
 def test_chunks_never_exceed_the_size() -> None:
     plan = plan_upserts([login(f"u{i}", 0) for i in range(250)], {}, min_interval_ms=DAY)
     assert [len(c) for c in chunks(plan.upserts, 100)] == [100, 100, 50]
+
+
+def test_a_login_time_after_its_webhook_arrived_is_unreadable_not_synced() -> None:
+    # A sender clock gone wrong: synced, 2099 would make every later login of the user stale.
+    record = canonical_login()
+    record["receivedAt"] = "2026-11-29T10:00:00.000Z"
+    record["authenticationTime"] = "2099-01-01T00:00:00.000Z"
+    with pytest.raises(UnreadableRecord, match="after receivedAt"):
+        login_from_record(record)
+
+    record["authenticationTime"] = "2026-11-29T10:59:00.000Z"  # within the clocks' skew
+    assert login_from_record(record).event_ms > 0
