@@ -91,6 +91,8 @@ def _broken(change: str) -> bytes:
             record["visit"]["id"] = ""
         case "nul_in_venue_name":
             record["venue"]["name"] = "Caf\x00e"
+        case "huge_user_id":
+            record["user"]["id"] = "9" * 4000  # past PostgreSQL's B-tree entry limit as a key
     return orjson.dumps(record)
 
 
@@ -110,6 +112,7 @@ def _broken(change: str) -> bytes:
         (_broken("is_new_as_text"), Reason.BAD_FIELD),
         (_broken("empty_visit_id"), Reason.BAD_FIELD),
         (_broken("nul_in_venue_name"), Reason.BAD_FIELD),
+        (_broken("huge_user_id"), Reason.BAD_FIELD),
     ],
 )
 def test_a_record_that_is_not_canonical_is_rejected_with_a_reason(

@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+#: The longest text a stored field may hold (ids, MAC, venue name, provider); a longer value
+#: rejects the record to the dead-letter topic.
+MAX_TEXT_CHARS: Final = 512
 _INSTANT: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 _REQUIRED: Final = (
     "eventId",
@@ -366,6 +369,10 @@ def _text(section: dict[str, Any], name: str, path: str, *, required: bool = Fal
     if "\x00" in value:
         # PostgreSQL text cannot hold NUL: such a row would fail every retry and stall the sink.
         raise RejectedRecord(Reason.BAD_FIELD, f"{path} contains a NUL character")
+    if len(value) > MAX_TEXT_CHARS:
+        # Ids are parts of primary keys, and a B-tree entry over about 2.7 kB makes PostgreSQL
+        # refuse the row: again every retry would fail.
+        raise RejectedRecord(Reason.BAD_FIELD, f"{path} is longer than {MAX_TEXT_CHARS} characters")
     return value
 
 
