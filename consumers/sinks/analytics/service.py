@@ -55,6 +55,7 @@ __all__ = ["AnalyticsSink", "build_store", "run", "serve"]
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 _FIRST_BACKOFF_S = 0.1
+_KAFKA_COMMIT_TIMEOUT_S = 5.0
 
 
 def build_store(settings: AnalyticsSettings) -> AnalyticsStore:
@@ -403,8 +404,11 @@ class AnalyticsSink:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
-        except KafkaError as exc:  # monitoring only: the database holds the real position
+            # Monitoring only (the database holds the real position), so it may not hold the
+            # loop up: aiokafka retries a missing coordinator without a limit of its own.
+            async with asyncio.timeout(_KAFKA_COMMIT_TIMEOUT_S):
+                await consumer.commit(offsets)
+        except (KafkaError, TimeoutError) as exc:
             log.debug("offsets not committed to Kafka", extra={"error": type(exc).__name__})
 
     def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
