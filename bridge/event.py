@@ -8,6 +8,7 @@ key and the same event id. Everything else about the body is the pipeline's busi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from hashlib import sha256
@@ -22,6 +23,9 @@ _EVENT_ID_VERSION = "v1"
 _SEPARATOR = "\x1f"
 _MAC_SEPARATORS = str.maketrans("", "", "-:. ")
 _HEX_DIGITS = frozenset("0123456789abcdef")
+# The spellings senders use (one separator, six pairs): the answer is the text, lowercased, with
+# colons, so the general path below is needed only for the others.
+_USUAL_MAC = re.compile(r"[0-9A-Fa-f]{2}([-:])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,10 @@ def normalise_mac(value: Any) -> str | None:
     """``00-01-02-03-04-05`` and ``00:01:02:03:04:05`` are one MAC: ``00:01:02:03:04:05``."""
     if not isinstance(value, str):
         return None
+    usual = _USUAL_MAC.fullmatch(value)
+    if usual is not None:
+        lowered = value.lower()
+        return lowered if usual[1] == ":" else lowered.replace("-", ":")
     digits = value.translate(_MAC_SEPARATORS).lower()
     if len(digits) != 12 or not _HEX_DIGITS.issuperset(digits):
         return value.strip() or None

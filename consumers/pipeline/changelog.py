@@ -9,7 +9,8 @@ key                  value (JSON)
 ===================  =====================================================================
 ``e`` + event id     ``{"s": first-seen ms, "t": event ms, "q": seq, "r": record}``: the id
                      for dedup and, while ``t``/``q``/``r`` are set, a buffered record
-                     (``null`` for a record that went straight to the late topic)
+                     (``null`` for a record that went straight to the late topic or left
+                     the buffer before its transaction committed)
 ``v`` + user US venue ``[[visit id, first login ms, last login ms, logins], ...]``; a
                      tombstone once the (user, venue) holds no visit
 ``m``                the partition's meta: buffer sequence, watermark inputs, the
@@ -18,8 +19,11 @@ key                  value (JSON)
 
 A buffered record's entry is not rewritten when it is released: the meta's
 ``released_through`` tells which entries are still buffered, because the buffer releases in
-``(event ms, seq)`` order. The meta is written last in every transaction that writes any entry
-of its partition, so a restore never sees an entry newer than the meta that covers it.
+``(event ms, seq)`` order. For the same reason a record released within the transaction that
+accepted it is written without ``t``/``q``/``r``: the meta of that transaction covers it, so a
+restore rebuilds the same state, and the transaction carries a few bytes instead of the record.
+The meta is written last in every transaction that writes any entry of its partition, so a
+restore never sees an entry newer than the meta that covers it.
 
 Entries are never deleted one by one when they expire: the topic is created with
 ``cleanup.policy=compact,delete`` and a retention longer than the dedup and visit windows, so

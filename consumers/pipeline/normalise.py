@@ -21,7 +21,7 @@ from typing import Any, Final
 import orjson
 
 from bridge.errors import WifiBridgeError
-from bridge.event import identify, normalise_mac, parse_time_ms, venue_section
+from bridge.event import identify, normalise_mac, parse_time_ms
 
 __all__ = ["SCHEMA_PATH", "NormalisationError", "Reason", "normalise", "normalise_timed"]
 
@@ -29,7 +29,6 @@ __all__ = ["SCHEMA_PATH", "NormalisationError", "Reason", "normalise", "normalis
 SCHEMA_PATH: Final = Path(__file__).resolve().parent / "schema" / "login.v1.json"
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_SECTIONS: Final = ("client", "company", "session", "user", "venue")
 # The sender's sample spells it one way, its field table the other.
 _VISIT_COUNT_FIELDS: Final = ("visitCountsForVenues", "visitCountForVenues")
 # Field names accepted in the list form of the visit counts, which the sender's table calls an
@@ -88,14 +87,15 @@ def normalise_timed(
 ) -> tuple[dict[str, Any], int]:
     """:func:`normalise`, and the login time as epoch milliseconds (the pipeline orders by it)."""
     body = _parse(raw)
-    sections = {name: _section(body, name, name) for name in _SECTIONS}
-    user = sections["user"]
-    client = sections["client"]
-    company = sections["company"]
-    _section(user, "venue", "user.venue")
-    venue = venue_section(body)
+    client = _section(body, "client", "client")
+    company = _section(body, "company", "company")
+    session = _section(body, "session", "session")
+    user = _section(body, "user", "user")
+    top_venue = _section(body, "venue", "venue")
+    # Where bridge.event.venue_section looks: inside user, else at the top level.
+    venue = _section(user, "venue", "user.venue") or top_venue
 
-    authentication_ms = _authentication_ms(sections["session"])
+    authentication_ms = _authentication_ms(session)
     user_id = _id(user.get("id"), "user.id")
     mac = normalise_mac(client.get("mac"))
     if user_id is None and mac is None:
@@ -176,23 +176,30 @@ def _authentication_ms(session: dict[str, Any]) -> int:
 class _IsoUtc:
     """``2018-01-18T13:27:08.000Z`` from epoch ms: always UTC, always milliseconds.
 
-    Consecutive records of one field are seconds apart at most, so each formatter keeps the
-    text of the last second it wrote (one per field: login and receive times differ).
+    Records of one field are close in time but not in order (logins arrive seconds apart and
+    shuffled), so each formatter keeps the text of the last ``_ISO_CACHED_SECONDS`` seconds it
+    wrote (one per field: login and receive times differ), and starts afresh when full.
     """
 
-    __slots__ = ("_prefix", "_seconds")
+    __slots__ = ("_prefixes",)
 
     def __init__(self) -> None:
-        self._seconds: int | None = None
-        self._prefix = ""
+        self._prefixes: dict[int, str] = {}
 
     def __call__(self, epoch_ms: int) -> str:
         seconds, millis = divmod(epoch_ms, 1000)
-        if seconds != self._seconds:
+        prefix = self._prefixes.get(seconds)
+        if prefix is None:
+            if len(self._prefixes) >= _ISO_CACHED_SECONDS:
+                self._prefixes.clear()
             moment = _EPOCH + timedelta(seconds=seconds)
-            self._prefix = moment.isoformat(timespec="seconds").removesuffix("+00:00")
-            self._seconds = seconds
-        return f"{self._prefix}.{millis:03d}Z"
+            prefix = moment.isoformat(timespec="seconds").removesuffix("+00:00")
+            self._prefixes[seconds] = prefix
+        return prefix + _MILLIS[millis]
+
+
+_ISO_CACHED_SECONDS: Final = 4096
+_MILLIS: Final = tuple(f".{millis:03d}Z" for millis in range(1000))
 
 
 _iso_login = _IsoUtc()
@@ -231,13 +238,13 @@ def _coordinate(value: Any, path: str, limit: float) -> float | None:
     if value is None or value == "":
         return None
     number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
+    if isinstance(value, str):  # the sender's spelling: tested first
         try:
             number = float(value)
         except ValueError:
             number = None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
     if number is None or not math.isfinite(number) or abs(number) > limit:
         raise NormalisationError(
             Reason.BAD_COORDINATES, f"{path} must be a number between -{limit:g} and {limit:g}"

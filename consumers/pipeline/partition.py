@@ -18,7 +18,10 @@ Stages, in order:
 
 Changelog: every change of state is also an entry ``(key, value)`` for a compacted topic (see
 :mod:`consumers.pipeline.changelog`); :meth:`PartitionPipeline.take_changes` hands over the
-entries changed since the last call, one per key, the meta entry last.
+entries changed since the last call, one per key, the meta entry last. Entries are encoded
+there, not as the state changes: a key changed many times in one transaction is encoded once,
+and an event released before its transaction ends is written without its record, since the meta
+of that transaction already says it left the buffer.
 """
 
 from __future__ import annotations
@@ -109,15 +112,25 @@ class _Item:
     event_ms: int
 
 
+@dataclass(slots=True)
+class _Seen:
+    """An event accepted since the last :meth:`PartitionPipeline.take_changes`."""
+
+    seen_ms: int
+    item: _Item | None
+    """Set while the record may still be buffered (None: it went to the late route)."""
+    seq: int | None
+
+
 class PartitionPipeline:
     """The state and stages of one input partition (see the module docstring)."""
 
     __slots__ = (
         "_buffer",
-        "_changes",
         "_dedup",
         "_dirty_visits",
         "_last_visit_expiry_ms",
+        "_seen",
         "_visits",
         "config",
         "counts",
@@ -139,7 +152,7 @@ class PartitionPipeline:
         self._buffer: ReorderBuffer[_Item] = buffer or ReorderBuffer(
             lateness_ms=config.lateness_ms, max_buffered=config.max_buffered
         )
-        self._changes: dict[bytes, bytes | None] = {}
+        self._seen: dict[str, _Seen] = {}
         self._dirty_visits: set[tuple[str, str]] = set()
         self._last_visit_expiry_ms: int | None = None
         self.counts = Counts()
@@ -198,13 +211,9 @@ class PartitionPipeline:
         item = _Item(raw.key, record, event_ms)
         added = self._buffer.add(item, event_ms)
         if added.late:
-            self._changes[changelog.event_key(event_id)] = changelog.encode_event(
-                seen_ms=seen_ms, event_ms=None, seq=None, record=None
-            )
+            self._seen[event_id] = _Seen(seen_ms, None, None)
             return [self._emit(item, late=True)]
-        self._changes[changelog.event_key(event_id)] = changelog.encode_event(
-            seen_ms=seen_ms, event_ms=event_ms, seq=added.seq, record=record
-        )
+        self._seen[event_id] = _Seen(seen_ms, item, added.seq)
         return self._release(early=False)
 
     def tick(self, now_ms: int, *, caught_up: bool) -> list[Output]:
@@ -226,10 +235,23 @@ class PartitionPipeline:
 
     def take_changes(self) -> list[tuple[bytes, bytes | None]]:
         """Changelog entries changed since the last call; the meta entry comes last."""
-        if not self._changes and not self._dirty_visits:
+        if not self._seen and not self._dirty_visits:
             return []
-        entries = list(self._changes.items())
-        self._changes.clear()
+        released = self._buffer.released_through
+        entries: list[tuple[bytes, bytes | None]] = []
+        for event_id, seen in self._seen.items():
+            item, seq = seen.item, seen.seq
+            if item is None or seq is None or (released and (item.event_ms, seq) <= released):
+                # Late, or released already: the meta below covers it, only dedup needs it.
+                value = changelog.encode_event(
+                    seen_ms=seen.seen_ms, event_ms=None, seq=None, record=None
+                )
+            else:  # still buffered, so its record is as accepted (visit and late unset)
+                value = changelog.encode_event(
+                    seen_ms=seen.seen_ms, event_ms=item.event_ms, seq=seq, record=item.record
+                )
+            entries.append((changelog.event_key(event_id), value))
+        self._seen.clear()
         for user_key, venue_id in self._dirty_visits:
             held = self._visits.spans(user_key, venue_id)
             entries.append(
@@ -258,7 +280,7 @@ class PartitionPipeline:
         return entries
 
     def discard_changes(self) -> None:
-        self._changes.clear()
+        self._seen.clear()
         self._dirty_visits.clear()
 
     # ----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -115,6 +116,9 @@ class PipelineService:
         self._records_out = {
             route: metrics.records_out.labels(route=route.value) for route in Route
         }
+        # Counted here per record, moved into the Prometheus counters once per consume batch:
+        # a counter's inc() takes a lock.
+        self._out_pending = dict.fromkeys(Route, 0)
         self._owned: dict[int, _Owned] = {}
         self._offsets: dict[int, int] = {}
         self._in_transaction = False
@@ -152,6 +156,7 @@ class PipelineService:
                     wait_s = min(wait_s, self._transaction_started + commit_s - now)
                 for message in self._consumer.consume(_BATCH, max(0.0, wait_s)):
                     self._handle(message)
+                self._count_out()
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_s
@@ -230,10 +235,19 @@ class PipelineService:
         self._count()
 
     def _produce(self, outputs: Sequence[Output]) -> None:
+        pending = self._out_pending
         for output in outputs:
-            headers: list[tuple[str, str | bytes | None]] = [*output.headers]
+            # The producer only reads the list (a list of pairs of bytes is a valid argument).
+            headers = cast(list[tuple[str, str | bytes | None]], output.headers)
             self._send(self._routes[output.route], output.key, output.value, headers=headers)
-            self._records_out[output.route].inc()
+            pending[output.route] += 1
+
+    def _count_out(self) -> None:
+        pending = self._out_pending
+        for route, count in pending.items():
+            if count:
+                self._records_out[route].inc(count)
+                pending[route] = 0
 
     def _send(
         self,
@@ -415,6 +429,7 @@ class PipelineService:
 
     def _count(self) -> None:
         """Move the pipelines' own counts into the Prometheus counters."""
+        self._count_out()
         m = self.metrics
         for owned in self._owned.values():
             counts = owned.pipeline.counts

@@ -214,24 +214,31 @@ class VisitTracker:
         """Assign one login to a visit and return the visit as updated by it."""
         clock_ms = self._tick(login_ms)
         key = (user_id, venue_id)
-        spans = self._live(self._visits.get(key, []), clock_ms)
+        held = self._visits.get(key)
+        spans = self._live(held, clock_ms) if held else []
+        gap_ms = self.gap_ms
         best: _Span | None = None
+        best_distance_ms = 0
         for span in spans:  # sorted by first login: a tie keeps the earlier visit
             distance_ms = span.distance_ms(login_ms)
-            if distance_ms < self.gap_ms and (
-                best is None or distance_ms < best.distance_ms(login_ms)
-            ):
+            if distance_ms < gap_ms and (best is None or distance_ms < best_distance_ms):
                 best = span
+                best_distance_ms = distance_ms
         if best is not None:
-            best.first_login_ms = min(best.first_login_ms, login_ms)
-            best.last_login_ms = max(best.last_login_ms, login_ms)
+            if login_ms < best.first_login_ms:
+                best.first_login_ms = login_ms
+            if login_ms > best.last_login_ms:
+                best.last_login_ms = login_ms
             best.login_count += 1
-            spans.sort(key=lambda span: span.first_login_ms)
-            self._store(key, spans)
+            if len(spans) > 1:
+                spans.sort(key=_first_login_ms)
+            self._visits[key] = spans  # not empty: it holds best
             return _visit(best, is_new=False)
         opened = _Span(visit_id_for(user_id, venue_id, login_ms), login_ms, login_ms, 1)
-        spans = self._live([*spans, opened], clock_ms)
-        spans.sort(key=lambda span: span.first_login_ms)
+        if clock_ms - login_ms < self.retention_ms:  # else it is expired at once
+            spans.append(opened)
+            if len(spans) > 1:
+                spans.sort(key=_first_login_ms)
         self._store(key, spans)
         return _visit(opened, is_new=True)
 
@@ -248,7 +255,11 @@ class VisitTracker:
         return self._clock_ms
 
     def _live(self, spans: list[_Span], clock_ms: int) -> list[_Span]:
-        return [s for s in spans if clock_ms - s.last_login_ms < self.retention_ms]
+        retention_ms = self.retention_ms
+        if len(spans) == 1:  # the usual case, without a comprehension's frame
+            span = spans[0]
+            return [span] if clock_ms - span.last_login_ms < retention_ms else []
+        return [s for s in spans if clock_ms - s.last_login_ms < retention_ms]
 
     def _store(self, key: tuple[str, str], spans: list[_Span]) -> None:
         if spans:
@@ -258,13 +269,11 @@ class VisitTracker:
 
 
 def _visit(span: _Span, *, is_new: bool) -> Visit:
-    return Visit(
-        visit_id=span.visit_id,
-        is_new=is_new,
-        login_count=span.login_count,
-        first_login_ms=span.first_login_ms,
-        last_login_ms=span.last_login_ms,
-    )
+    return Visit(span.visit_id, is_new, span.login_count, span.first_login_ms, span.last_login_ms)
+
+
+def _first_login_ms(span: _Span) -> int:
+    return span.first_login_ms
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,8 +401,10 @@ class ReorderBuffer(Generic[T]):
     @property
     def watermark_ms(self) -> int | None:
         """Items at or below this event time are due; None before any time was seen."""
-        times = [t for t in (self._max_event_ms, self._wall_ms) if t is not None]
-        return max(times) - self.lateness_ms if times else None
+        event_ms, wall_ms = self._max_event_ms, self._wall_ms
+        if wall_ms is None or (event_ms is not None and event_ms >= wall_ms):
+            return None if event_ms is None else event_ms - self.lateness_ms
+        return wall_ms - self.lateness_ms
 
     def add(self, item: T, event_ms: int) -> Added:
         """Buffer ``item`` unless it is late (see the class docstring)."""
