@@ -145,12 +145,18 @@ class PartitionPipeline:
         buffer: ReorderBuffer[_Item] | None = None,
     ) -> None:
         self.config = config
-        self._dedup = dedup or Deduplicator(window_ms=config.dedup_window_ms)
-        self._visits = visits or VisitTracker(
-            gap_ms=config.visit_gap_ms, retention_ms=config.visit_retention_ms
+        # "is None", not "or": each component has a length, so an empty restored one is falsy,
+        # yet its clocks, sequence and release point are state.
+        self._dedup = Deduplicator(window_ms=config.dedup_window_ms) if dedup is None else dedup
+        self._visits = (
+            VisitTracker(gap_ms=config.visit_gap_ms, retention_ms=config.visit_retention_ms)
+            if visits is None
+            else visits
         )
-        self._buffer: ReorderBuffer[_Item] = buffer or ReorderBuffer(
-            lateness_ms=config.lateness_ms, max_buffered=config.max_buffered
+        self._buffer: ReorderBuffer[_Item] = (
+            ReorderBuffer(lateness_ms=config.lateness_ms, max_buffered=config.max_buffered)
+            if buffer is None
+            else buffer
         )
         self._seen: dict[str, _Seen] = {}
         self._dirty_visits: set[tuple[str, str]] = set()

@@ -188,6 +188,18 @@ def test_restore_from_the_changelog_continues_exactly_as_without_a_restart() -> 
         assert got == expected
 
 
+def test_a_restore_with_nothing_buffered_keeps_what_was_released() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0 + 60_000)))
+    assert len(pipeline.tick(T0 + 10**6, caught_up=True)) == 1
+    restored, _ = PartitionPipeline.restore(pipeline.take_changes(), CONFIG)
+    assert restored.buffered == 0  # an empty buffer, dedup and visit state are state too
+
+    older = restored.accept(raw(login_body(user_id=2, at_ms=T0), T0 + 1))
+    assert [o.route for o in older] == [Route.LATE]  # as without the restart
+    assert restored.watermark_ms == pipeline.watermark_ms
+
+
 def test_restore_skips_and_counts_corrupt_entries() -> None:
     pipeline = PartitionPipeline(CONFIG)
     pipeline.accept(raw(login_body(user_id=1, at_ms=T0)))
