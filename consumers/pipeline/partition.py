@@ -259,11 +259,11 @@ class PartitionPipeline:
             entries.append((changelog.event_key(event_id), value))
         self._seen.clear()
         for user_key, venue_id in self._dirty_visits:
-            held = self._visits.spans(user_key, venue_id)
+            held = self._visits.held(user_key, venue_id)
             entries.append(
                 (
                     changelog.visit_key(user_key, venue_id),
-                    changelog.encode_visits(held) if held else None,
+                    changelog.encode_held(held) if held else None,
                 )
             )
         self._dirty_visits.clear()

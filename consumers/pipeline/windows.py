@@ -193,6 +193,10 @@ class VisitTracker:
         """The visits held for one (user, venue), oldest first (``is_new`` is False)."""
         return [_visit(span, is_new=False) for span in self._visits.get((user_id, venue_id), ())]
 
+    def held(self, user_id: str, venue_id: str) -> tuple[tuple[str, int, int, int], ...]:
+        """:meth:`spans` as ``(visit id, first login ms, last login ms, logins)``, no copies."""
+        return self._visits.get((user_id, venue_id), ())
+
     @classmethod
     def restore(
         cls,

@@ -16,6 +16,7 @@ from consumers.pipeline.partition import (
     Route,
     WindowConfig,
 )
+from consumers.pipeline.windows import VisitTracker
 from tests.fixtures.samples import DOCUMENTED_SAMPLE, TABLE_VARIANT, login_body
 
 T0 = 1_764_410_000_000
@@ -198,6 +199,18 @@ def test_a_restore_with_nothing_buffered_keeps_what_was_released() -> None:
     older = restored.accept(raw(login_body(user_id=2, at_ms=T0), T0 + 1))
     assert [o.route for o in older] == [Route.LATE]  # as without the restart
     assert restored.watermark_ms == pipeline.watermark_ms
+
+
+def test_visit_entries_encoded_from_held_tuples_match_the_documented_encoding() -> None:
+    tracker = VisitTracker(gap_ms=60_000, retention_ms=10**9)
+    for login_ms in (T0, T0 + 30_000, T0 + 10**6, T0 - 5_000):
+        tracker.assign("u1", "v1", login_ms)
+    assert len(tracker.held("u1", "v1")) == 2
+    encoded = changelog.encode_held(tracker.held("u1", "v1"))
+    assert encoded == changelog.encode_visits(tracker.spans("u1", "v1"))
+    assert changelog.encode_event(seen_ms=T0, event_ms=None, seq=None, record=None) == (
+        orjson.dumps({"s": T0, "t": None, "q": None, "r": None})
+    )
 
 
 def test_restore_skips_and_counts_corrupt_entries() -> None:
