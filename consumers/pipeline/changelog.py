@@ -98,6 +98,11 @@ def encode_event(
 _SEEN_ONLY = b'{"s":%d,"t":null,"q":null,"r":null}'
 
 
+def encode_buffered_event(*, seen_ms: int, event_ms: int, seq: int, record_json: bytes) -> bytes:
+    """:func:`encode_event` of a record already encoded (``orjson.dumps(record)``): same bytes."""
+    return b'{"s":%d,"t":%d,"q":%d,"r":%s}' % (seen_ms, event_ms, seq, record_json)
+
+
 def encode_visits(visits: Iterable[Visit]) -> bytes:
     return orjson.dumps(
         [[v.visit_id, v.first_login_ms, v.last_login_ms, v.login_count] for v in visits]

@@ -105,21 +105,23 @@ class Counts:
         self.invalid.clear()
 
 
-@dataclass(slots=True)
-class _Item:
-    key: bytes | None
-    record: dict[str, Any]
-    event_ms: int
+_Item = tuple[bytes | None, bytes, int, str, str, str]
+"""A record in the buffer: (raw key, record JSON as normalised, event ms, event id, user key,
+venue id).
 
+A plain tuple of bytes, strings and ints instead of the record's dicts: records wait in the
+buffer for the lateness window, and the garbage collector's passes over thousands of waiting
+dicts cost more than the window logic itself (see ``windows._Span``). The JSON ends with
+:data:`_UNSET`; :meth:`PartitionPipeline._emit` writes the visit and late fields in its place,
+the bytes ``orjson.dumps`` gives for the record with those fields set.
+"""
 
-@dataclass(slots=True)
-class _Seen:
-    """An event accepted since the last :meth:`PartitionPipeline.take_changes`."""
+_UNSET = b',"visit":{"id":null,"isNew":null},"late":false}'
+_JSON_BOOL = {True: b"true", False: b"false"}
 
-    seen_ms: int
-    item: _Item | None
-    """Set while the record may still be buffered (None: it went to the late route)."""
-    seq: int | None
+_Seen = tuple[int, _Item | None, int | None]
+"""An event accepted since the last take_changes: (first-seen ms, item, seq); the item is None
+for a record that went to the late route."""
 
 
 class PartitionPipeline:
@@ -214,12 +216,12 @@ class PartitionPipeline:
         self.counts.accepted += 1
         seen_ms = self._dedup.clock_ms
         assert seen_ms is not None  # check() just set it
-        item = _Item(raw.key, record, event_ms)
+        item = _item(raw.key, record, event_ms)
         added = self._buffer.add(item, event_ms)
         if added.late:
-            self._seen[event_id] = _Seen(seen_ms, None, None)
+            self._seen[event_id] = (seen_ms, None, None)
             return [self._emit(item, late=True)]
-        self._seen[event_id] = _Seen(seen_ms, item, added.seq)
+        self._seen[event_id] = (seen_ms, item, added.seq)
         return self._release(early=False)
 
     def tick(self, now_ms: int, *, caught_up: bool) -> list[Output]:
@@ -245,16 +247,15 @@ class PartitionPipeline:
             return []
         released = self._buffer.released_through
         entries: list[tuple[bytes, bytes | None]] = []
-        for event_id, seen in self._seen.items():
-            item, seq = seen.item, seen.seq
-            if item is None or seq is None or (released and (item.event_ms, seq) <= released):
+        for event_id, (seen_ms, item, seq) in self._seen.items():
+            if item is None or seq is None or (released and (item[2], seq) <= released):
                 # Late, or released already: the meta below covers it, only dedup needs it.
                 value = changelog.encode_event(
-                    seen_ms=seen.seen_ms, event_ms=None, seq=None, record=None
+                    seen_ms=seen_ms, event_ms=None, seq=None, record=None
                 )
-            else:  # still buffered, so its record is as accepted (visit and late unset)
-                value = changelog.encode_event(
-                    seen_ms=seen.seen_ms, event_ms=item.event_ms, seq=seq, record=item.record
+            else:  # still buffered: its record as accepted (visit and late unset)
+                value = changelog.encode_buffered_event(
+                    seen_ms=seen_ms, event_ms=item[2], seq=seq, record_json=item[1]
                 )
             entries.append((changelog.event_key(event_id), value))
         self._seen.clear()
@@ -314,7 +315,7 @@ class PartitionPipeline:
             retention_ms=config.visit_retention_ms,
         )
         items = [
-            (e.event_ms, e.seq, _Item(_key_of(e.record), e.record, e.event_ms))
+            (e.event_ms, e.seq, _item(_key_of(e.record), e.record, e.event_ms))
             for e in state.events.values()
             if e.record is not None and e.event_ms is not None and e.seq is not None
         ]
@@ -335,20 +336,33 @@ class PartitionPipeline:
         return [self._emit(item, late=False) for item in self._buffer.release(early=early)]
 
     def _emit(self, item: _Item, *, late: bool) -> Output:
-        record = item.record
-        user_key = record["user"]["id"] or record["client"]["mac"] or ""
-        venue_id = record["venue"]["id"] or ""
-        visit = self._visits.assign(user_key, venue_id, item.event_ms)
+        key, record_json, event_ms, event_id, user_key, venue_id = item
+        visit = self._visits.assign(user_key, venue_id, event_ms)
         self._dirty_visits.add((user_key, venue_id))
-        record["visit"] = {"id": visit.visit_id, "isNew": visit.is_new}
-        record["late"] = late
         self.counts.emitted += 1
         if late:
             self.counts.late += 1
         if visit.is_new:
             self.counts.visits_opened += 1
-        headers = [("event-id", record["eventId"].encode())]
-        return Output(Route.LATE if late else Route.VISITS, item.key, orjson.dumps(record), headers)
+        value = b'%s,"visit":{"id":%s,"isNew":%s},"late":%s}' % (
+            record_json[: -len(_UNSET)],
+            orjson.dumps(visit.visit_id),
+            _JSON_BOOL[visit.is_new],
+            _JSON_BOOL[late],
+        )
+        headers = [("event-id", event_id.encode())]
+        return Output(Route.LATE if late else Route.VISITS, key, value, headers)
+
+
+def _item(key: bytes | None, record: dict[str, Any], event_ms: int) -> _Item:
+    record_json = orjson.dumps(record)
+    if not record_json.endswith(_UNSET):  # not as normalise builds it: put the fields last
+        unset = {"visit": {"id": None, "isNew": None}, "late": False}
+        record = {name: v for name, v in record.items() if name not in unset} | unset
+        record_json = orjson.dumps(record)
+    user_key = record["user"]["id"] or record["client"]["mac"] or ""
+    venue_id = record["venue"]["id"] or ""
+    return (key, record_json, event_ms, record["eventId"], user_key, venue_id)
 
 
 def _key_of(record: dict[str, Any]) -> bytes:
