@@ -588,15 +588,21 @@ async def test_a_batch_under_a_stale_epoch_is_refused_and_the_partition_reclaime
         await drop_database(postgres_server, target.url)
 
 
+async def store_positions(target: AnalyticsTarget, topic: str, next_offset: int) -> str:
+    """Store ``next_offset`` for every partition of ``topic`` under a new group; returns it."""
+    group = f"sink-test-{uuid.uuid4().hex[:8]}"
+    store = target.store(group_id=group)
+    claims = await store.claim(topic, list(range(PARTITIONS)))
+    await store.write([], [Position(topic, c.partition, c.epoch, next_offset) for c in claims])
+    await target.close()
+    return group
+
+
 async def test_a_stored_position_past_the_end_of_a_recreated_topic_reads_it_from_the_start(
     kafka_bootstrap: str, topics: Topics, analytics_target: AnalyticsTarget, run_sink_until: RunSink
 ) -> None:
-    group = f"sink-test-{uuid.uuid4().hex[:8]}"
-    store = analytics_target.store(group_id=group)
     # Positions left by an earlier life of these topics (another cluster, a deleted topic).
-    claims = await store.claim(topics.visits, list(range(PARTITIONS)))
-    await store.write([], [Position(topics.visits, c.partition, c.epoch, 1_000) for c in claims])
-    await analytics_target.close()
+    group = await store_positions(analytics_target, topics.visits, 1_000)
     stream = known_stream(topics)
     await produce(kafka_bootstrap, stream, per_transaction=3)
 
@@ -612,12 +618,8 @@ async def test_a_kafka_error_while_positioning_a_claim_is_retried_not_a_crash(
     run_sink_until: RunSink,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    group = f"sink-test-{uuid.uuid4().hex[:8]}"
-    store = analytics_target.store(group_id=group)
     # Stored positions, so the claim asks Kafka where each partition ends.
-    claims = await store.claim(topics.visits, list(range(PARTITIONS)))
-    await store.write([], [Position(topics.visits, c.partition, c.epoch, 0) for c in claims])
-    await analytics_target.close()
+    group = await store_positions(analytics_target, topics.visits, 0)
     stream = known_stream(topics)
     await produce(kafka_bootstrap, stream, per_transaction=3)
     # What a partition without a leader (a broker restarting) answers, once.
