@@ -29,7 +29,13 @@ from typing import TypeAlias
 import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordListTooLargeError,
+)
 from aiokafka.structs import ConsumerRecord
 
 from bridge.errors import ConfigError
@@ -43,6 +49,7 @@ from consumers.sinks.contacts import (
     login_from_record,
     plan_upserts,
 )
+from consumers.sinks.crm_dlq import DeadLetterRecord, fit_dead_letter
 from consumers.sinks.crm_http import HttpClient
 from consumers.sinks.crm_metrics import CrmMetrics
 from consumers.sinks.crm_port import Crm, CrmBatchRejected, CrmUnavailable, truncate_detail
@@ -97,6 +104,50 @@ class DeadLetter:
     detail: str
     status: int | None = None
 
+    @property
+    def source(self) -> str:
+        return f"{self.record.topic}/{self.record.partition}/{self.record.offset}"
+
+
+class DeadLetterProducer:
+    """The dead-letter topic's producer (``acks=all``, idempotent), replaced when wedged.
+
+    A broker that refuses a record (larger than the topic's ``max.message.bytes``) leaves an
+    idempotent producer's sequence numbers out of step with it: every later record to that
+    partition fails with ``OutOfOrderSequenceNumber``. :meth:`reset` drops such a producer;
+    the next :meth:`send` starts another, which gets a new producer id.
+    """
+
+    def __init__(self, make: Callable[[], AIOKafkaProducer]) -> None:
+        self._make = make
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        producer = self._make()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def send(self, topic: str, record: DeadLetterRecord) -> None:
+        await self.start()
+        assert self._producer is not None
+        await self._producer.send_and_wait(
+            topic, key=record.key, value=record.value, headers=list(record.headers)
+        )
+
+    async def reset(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def stop(self) -> None:
+        await self.reset()
+
 
 @dataclass(slots=True)
 class Delivery:
@@ -117,7 +168,7 @@ class CrmSink:
         *,
         settings: CrmSettings,
         consumer: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
+        dead_letters: DeadLetterProducer,
         crm: Crm,
         store: CrmStore,
         metrics: CrmMetrics,
@@ -126,7 +177,7 @@ class CrmSink:
     ) -> None:
         self._settings = settings
         self._consumer = consumer
-        self._producer = producer
+        self._dead_letters = dead_letters
         self._crm = crm
         self._store = store
         self._metrics = metrics
@@ -277,18 +328,53 @@ class CrmSink:
         return delivery
 
     async def _dead_letter(self, dead: list[DeadLetter]) -> bool:
-        """Publish to the dead-letter topic (acks=all), retrying while Kafka refuses."""
+        """Publish to the dead-letter topic (acks=all); False when stopped before the end."""
+        for letter in dead:
+            if not await self._publish(letter):
+                return False
+        return True
+
+    async def _publish(self, letter: DeadLetter) -> bool:
+        """One dead letter, cut to fit; retried while Kafka is unavailable.
+
+        A letter the topic refuses as too large (its ``max.message.bytes`` is below
+        ``CRM_DLQ_MAX_BYTES``) is cut to half its size and sent again; one refused even with
+        an empty value is dropped with an error and counted, since no retry could change the
+        answer and the sink must not stall on it. The source offsets in the log find it.
+        """
+        max_bytes = self._settings.dlq_max_bytes
         attempt = 0
         while True:
+            record = fit_dead_letter(
+                key=letter.record.key,
+                value=letter.record.value,
+                headers=self._headers(letter),
+                max_bytes=max_bytes,
+            )
             try:
-                for letter in dead:
-                    await self._producer.send_and_wait(
-                        self._settings.topic_dlq,
-                        key=letter.record.key,
-                        value=letter.record.value,
-                        headers=self._headers(letter),
+                await self._dead_letters.send(self._settings.topic_dlq, record)
+            except (MessageSizeTooLargeError, RecordListTooLargeError):
+                await self._dead_letters.reset()
+                if not record.value:
+                    log.error(
+                        "dead letter refused as too large even without its value; dropped",
+                        extra={
+                            "source": letter.source,
+                            "reason": letter.reason,
+                            "size_bytes": record.size_bytes,
+                        },
                     )
+                    self._metrics.dead_letters_dropped.labels(reason=letter.reason).inc()
+                    return True
+                max_bytes = record.size_bytes // 2
+                log.warning(
+                    "dead-letter topic refused a letter as too large; cutting it further",
+                    extra={"source": letter.source, "max_bytes": max_bytes},
+                )
+                continue
             except KafkaError as exc:
+                if isinstance(exc, OutOfOrderSequenceNumber):
+                    await self._dead_letters.reset()
                 wait_s = self._backoff.delay_s(attempt, draw=self._draw())
                 attempt += 1
                 log.warning(
@@ -298,8 +384,16 @@ class CrmSink:
                 if not await self._wait(wait_s):
                     return False
                 continue
-            for letter in dead:
-                self._metrics.rejected_records.labels(reason=letter.reason).inc()
+            if record.value_truncated:
+                log.warning(
+                    "dead letter's value cut to fit the largest message",
+                    extra={
+                        "source": letter.source,
+                        "value_bytes": len(letter.record.value or b""),
+                        "max_bytes": max_bytes,
+                    },
+                )
+            self._metrics.rejected_records.labels(reason=letter.reason).inc()
             return True
 
     def _headers(self, letter: DeadLetter) -> list[tuple[str, bytes]]:
@@ -307,12 +401,12 @@ class CrmSink:
         headers = [
             ("dlq-reason", letter.reason.encode()),
             ("dlq-detail", truncate_detail(letter.detail).encode()),
-            ("dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            ("dlq-source", letter.source.encode()),
             ("crm", self._crm.name.encode()),
         ]
         if letter.status is not None:
             headers.append(("crm-status", str(letter.status).encode()))
-        headers += [(k, v) for k, v in record.headers if k == "event-id"]
+        headers += [(k, v) for k, v in record.headers if k == "event-id"][:1]
         return headers
 
     async def _wait(self, wait_s: float) -> bool:
@@ -438,7 +532,14 @@ async def serve(
     runner = await _metrics_server(metrics, settings.metrics_port)
     backoff = Backoff(initial_s=0.5, max_s=10.0)
     kafka = client_options(settings.kafka)
-    producer = AIOKafkaProducer(**kafka, acks="all", enable_idempotence=True)
+    dead_letters = DeadLetterProducer(
+        lambda: AIOKafkaProducer(
+            **kafka,
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=settings.dlq_max_bytes,
+        )
+    )
     consumer = AIOKafkaConsumer(
         *settings.topics,
         **kafka,
@@ -458,14 +559,14 @@ async def serve(
             await _until_started(
                 "topics", lambda: ensure_topics(settings.kafka, topics), stop, backoff
             )
-            and await _until_started("producer", producer.start, stop, backoff)
+            and await _until_started("producer", dead_letters.start, stop, backoff)
             and await _until_started("consumer", consumer.start, stop, backoff)
         )
         if started:
             sink = CrmSink(
                 settings=settings,
                 consumer=consumer,
-                producer=producer,
+                dead_letters=dead_letters,
                 crm=crm,
                 store=store,
                 metrics=metrics,
@@ -475,7 +576,7 @@ async def serve(
     finally:
         log.info("shutting down")
         await consumer.stop()
-        await producer.stop()
+        await dead_letters.stop()
         await crm.close()
         store.close()
         await runner.cleanup()

@@ -51,6 +51,12 @@ class CrmMetrics:
             ["reason"],
             registry=r,
         )
+        self.dead_letters_dropped = Counter(
+            "wifi_crm_dead_letters_dropped",
+            "Dead letters the dead-letter topic refused even with an empty value (logged)",
+            ["reason"],
+            registry=r,
+        )
         self.skipped_records = Counter(
             "wifi_crm_skipped_records",
             "Logins not sent to the CRM, by reason (no_email, throttled, stale, superseded)",

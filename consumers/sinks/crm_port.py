@@ -16,6 +16,8 @@ from consumers.sinks.crm_retry import RetryReason
 
 #: The longest CRM answer kept with a rejected record (dead-letter header), in bytes.
 MAX_DETAIL_BYTES = 2048
+#: Ends a text that was cut to its limit, so a reader knows it is not whole.
+TRUNCATED_MARKER = " [truncated]"
 
 
 class CrmError(WifiBridgeError):
@@ -91,8 +93,31 @@ class Crm(Protocol):
 
 
 def truncate_detail(text: str) -> str:
-    """The CRM's answer cut to :data:`MAX_DETAIL_BYTES` (on a UTF-8 boundary)."""
-    data = text.encode()
-    if len(data) <= MAX_DETAIL_BYTES:
-        return text
-    return data[:MAX_DETAIL_BYTES].decode(errors="ignore")
+    """The CRM's answer cut to :data:`MAX_DETAIL_BYTES`, with :data:`TRUNCATED_MARKER` if cut."""
+    return truncate_bytes(text.encode(), MAX_DETAIL_BYTES).decode(errors="replace")
+
+
+def truncate_bytes(data: bytes, max_bytes: int) -> bytes:
+    """``data`` when it has at most ``max_bytes``; else its start followed by
+    :data:`TRUNCATED_MARKER`, ``max_bytes`` in all (never ending inside a UTF-8 character)."""
+    if len(data) <= max_bytes:
+        return data
+    marker = TRUNCATED_MARKER.encode()
+    if max_bytes <= len(marker):
+        return utf8_prefix(data, max_bytes)
+    return utf8_prefix(data, max_bytes - len(marker)) + marker
+
+
+def utf8_prefix(data: bytes, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of ``data``, not ending inside a UTF-8 character.
+
+    Text stays readable; bytes that are not text lose at most three more from the end.
+    """
+    if len(data) <= max_bytes:
+        return data
+    end = max(0, max_bytes)
+    for _ in range(3):
+        if end == 0 or (data[end] & 0xC0) != 0x80:
+            break
+        end -= 1
+    return data[:end]

@@ -11,6 +11,7 @@ from bridge import config
 from bridge.config import Option
 from bridge.errors import ConfigError
 from bridge.settings import KAFKA_OPTIONS, KafkaSettings
+from consumers.sinks.crm_dlq import MIN_MESSAGE_BYTES
 
 CRM_OPTIONS: tuple[Option, ...] = (
     Option(
@@ -25,6 +26,12 @@ CRM_OPTIONS: tuple[Option, ...] = (
         "canonical login topics to read (comma-separated)",
     ),
     Option("CRM_TOPIC_DLQ", "wifi.auth.dlq", "topic for records the CRM rejected or unreadable"),
+    Option(
+        "CRM_DLQ_MAX_BYTES",
+        "1048576",
+        "largest dead letter sent (the producer's max_request_size, at least 8192); a record "
+        "value that does not fit beside the headers is cut and marked dlq-value-truncated",
+    ),
     Option("CRM_GROUP_ID", "wifi-sink-crm", "Kafka consumer group"),
     Option(
         "CRM_MIN_INTERVAL_S",
@@ -71,6 +78,7 @@ class CrmSettings:
     target: str = "outbox"
     topics: tuple[str, ...] = ("wifi.auth.visits", "wifi.auth.late")
     topic_dlq: str = "wifi.auth.dlq"
+    dlq_max_bytes: int = 1_048_576
     group_id: str = "wifi-sink-crm"
     min_interval_s: int = 86400
     state_db: Path = Path(".data/crm-sink.db")
@@ -100,6 +108,7 @@ class CrmSettings:
             target=config.text(values, "CRM_TARGET"),
             topics=topics,
             topic_dlq=config.text(values, "CRM_TOPIC_DLQ"),
+            dlq_max_bytes=config.integer(values, "CRM_DLQ_MAX_BYTES", minimum=MIN_MESSAGE_BYTES),
             group_id=config.text(values, "CRM_GROUP_ID"),
             min_interval_s=config.integer(values, "CRM_MIN_INTERVAL_S", minimum=0),
             state_db=Path(config.text(values, "CRM_STATE_DB")),

@@ -13,7 +13,10 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from bridge.kafka import TopicSpec, ensure_topics
+from bridge.settings import KafkaSettings
 from tests.fixtures.canonical import BASE, DAY_MS, HOUR_MS, canonical_login, produce_logins
 from tests.fixtures.crm_sink import (
     CrmTopics,
@@ -113,6 +116,15 @@ async def test_crm_outage_ends_with_every_contact_synced_exactly_once(
 
 async def _all_committed(bootstrap: str, group: str, topics: list[str]) -> bool:
     return await uncommitted_records(bootstrap, group, topics) == 0
+
+
+async def committed(bootstrap: str, sink: RunningSink, topics: CrmTopics) -> None:
+    """Until the sink's group has committed every record of the input topics."""
+    group = sink.env["CRM_GROUP_ID"]
+    await eventually(
+        lambda: _all_committed(bootstrap, group, [topics.visits, topics.late]),
+        what="offsets committed",
+    )
 
 
 async def test_partial_failure_sends_only_the_rejected_records_to_the_dlq(
@@ -411,3 +423,102 @@ async def test_sigterm_during_a_crm_outage_exits_0_and_a_successor_syncs_everyth
     await spawn_crm_sink(**{**env, "CRM_GROUP_ID": first.env["CRM_GROUP_ID"]})
     await eventually(lambda: fake.synced == emails(records), what="all synced after restart")
     assert set(fake.upserts.values()) == {1}
+
+
+PRODUCER_MAX_BYTES = 1_048_576  # aiokafka's default max_request_size, the sink's default too
+
+
+def padded_login(email: str, *, record_bytes: int) -> dict[str, Any]:
+    """A canonical login whose record, as ``produce_logins`` sends it, is ``record_bytes``
+    (the producer's estimate, give or take a varint); the padding is a field the sink does
+    not read."""
+    record = canonical_login(email=email)
+    record["padding"] = ""
+    key = str(record["user"]["id"]).encode()
+    headers = [("event-id", record["eventId"].encode())]
+    bare = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, orjson.dumps(record), headers)
+    record["padding"] = "p" * (record_bytes - bare - 4)  # the value's length varint grows
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, orjson.dumps(record), headers)
+    assert record_bytes - 8 <= size <= record_bytes
+    return record
+
+
+async def dlq_topic_refusing_over(bootstrap: str, topic: str, max_message_bytes: int) -> None:
+    """Creates the dead-letter topic before the sink does, with a small max.message.bytes."""
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_partitions=1)
+    spec = TopicSpec(topic, configs={"max.message.bytes": str(max_message_bytes)})
+    assert await ensure_topics(kafka, [spec]) == [topic]
+
+
+async def test_a_dead_letter_larger_than_the_producer_takes_is_cut_to_fit_and_the_sink_goes_on(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # The input record just fits the producer's limit; its dead letter adds the sink's headers
+    # and the CRM's answer, so whole it would not.
+    big = padded_login("huge@example.com", record_bytes=PRODUCER_MAX_BYTES - 64)
+    after = logins_of(3, prefix="afterhuge")
+    fake = await hubspot_server(poison={"huge@example.com"})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [big], partitions=1)
+    await produce_logins(kafka_bootstrap, crm_topics.visits, after, partitions=1)
+    sink = await crm_sink.start(**hubspot_env(fake))
+
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=30)
+    assert len(dead) == 1, "the dead letter never reached the topic"
+    headers = dict(dead[0].headers)
+    original = orjson.dumps(big)
+    assert headers["dlq-value-truncated"] == str(len(original)).encode()
+    assert original.startswith(dead[0].value)
+    assert len(dead[0].value) < len(original)
+    assert b"Email address is invalid" in headers["dlq-detail"]
+    assert headers["event-id"] == big["eventId"].encode()
+    await eventually(lambda: fake.synced == emails(after), what="the later logins synced")
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert await sink.metric("wifi_crm_rejected_records_total", reason="crm_rejected") == 1
+
+
+async def test_a_dead_letter_the_topic_refuses_as_too_large_is_cut_until_it_fits(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # The topic takes 64 KiB, the producer 1 MiB: only the broker can refuse the letter, and
+    # its refusal leaves the idempotent producer out of sequence for the next letters.
+    await dlq_topic_refusing_over(kafka_bootstrap, crm_topics.dlq, 65_536)
+    big = padded_login("wide@example.com", record_bytes=200_000)
+    small = canonical_login(email="narrow@example.com")
+    after = logins_of(3, prefix="afterwide")
+    fake = await hubspot_server(poison={"wide@example.com", "narrow@example.com"})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [big], partitions=1)
+    sink = await crm_sink.start(**hubspot_env(fake))
+    first = await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=30)
+    assert len(first) == 1, "the dead letter never reached the topic"
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [small, *after], partitions=1)
+
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=2, timeout_s=30)
+    assert [orjson.loads(d.value)["user"]["email"] for d in dead[1:]] == ["narrow@example.com"]
+    headers = dict(dead[0].headers)
+    assert headers["dlq-value-truncated"] == str(len(orjson.dumps(big))).encode()
+    assert len(dead[0].value) < 65_536
+    assert orjson.dumps(big).startswith(dead[0].value)
+    assert "dlq-value-truncated" not in dict(dead[1].headers)
+    await eventually(lambda: fake.synced == emails(after), what="the later logins synced")
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert await sink.metric("wifi_crm_rejected_records_total", reason="crm_rejected") == 2
+
+
+async def test_a_dead_letter_refused_even_without_its_value_is_dropped_not_retried_for_ever(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    await dlq_topic_refusing_over(kafka_bootstrap, crm_topics.dlq, 100)
+    records = logins_of(4, prefix="nodlq")
+    poison = records[1]["user"]["email"]
+    fake = await hubspot_server(poison={poison})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records, partitions=1)
+    sink = await crm_sink.start(**hubspot_env(fake))
+
+    async def dropped() -> bool:
+        return await sink.metric("wifi_crm_dead_letters_dropped_total", reason="crm_rejected") == 1
+
+    await eventually(dropped, what="the dead letter dropped")
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert fake.synced == emails(records) - {poison}
+    assert await sink.metric("wifi_crm_rejected_records_total") == 0
+    assert await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=2) == []

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from consumers.sinks.contacts import Contact, SyncMark
-from consumers.sinks.crm_port import MAX_DETAIL_BYTES, truncate_detail
+from consumers.sinks.crm_port import MAX_DETAIL_BYTES, TRUNCATED_MARKER, truncate_detail
 from consumers.sinks.hubspot import contact_properties, read_answer, upsert_body
 from consumers.sinks.outbox import CrmStore
 from consumers.sinks.webhook import sign, verify
@@ -100,10 +100,13 @@ def test_hubspot_207_error_naming_inputs_by_email_and_an_unreadable_207() -> Non
     assert garbled.retry == contacts
 
 
-def test_crm_detail_is_cut_to_its_byte_limit_on_a_character_boundary() -> None:
+def test_crm_detail_is_cut_to_its_byte_limit_on_a_character_boundary_and_marked() -> None:
     cut = truncate_detail("é" * MAX_DETAIL_BYTES)
     assert len(cut.encode()) <= MAX_DETAIL_BYTES
-    assert set(cut) == {"é"}
+    assert cut.endswith(TRUNCATED_MARKER)
+    assert set(cut.removesuffix(TRUNCATED_MARKER)) == {"é"}
+    whole = "é" * (MAX_DETAIL_BYTES // 2)
+    assert truncate_detail(whole) == whole
 
 
 def test_webhook_signature_verifies_and_refuses_tampering_other_keys_and_old_requests() -> None:

@@ -29,6 +29,7 @@ def test_defaults_need_no_crm_and_run_anywhere() -> None:
     assert (settings.rate_limit_requests, settings.rate_limit_window_s) == (190, 10)
     assert settings.batch_size == 100
     assert settings.metrics_port == 9103
+    assert settings.dlq_max_bytes == 1_048_576
 
 
 def test_sink_crm_flag_wins_over_environment() -> None:
@@ -52,6 +53,7 @@ def test_sink_crm_flag_wins_over_environment() -> None:
         ({"CRM_RATE_LIMIT_REQUESTS": "0"}, "CRM_RATE_LIMIT_REQUESTS"),
         ({"CRM_RETRY_INITIAL_MS": "5000", "CRM_RETRY_MAX_S": "1"}, "CRM_RETRY_INITIAL_MS"),
         ({"CRM_LOG_LEVEL": "LOUD"}, "CRM_LOG_LEVEL"),
+        ({"CRM_DLQ_MAX_BYTES": "4096"}, "CRM_DLQ_MAX_BYTES"),
     ],
 )
 def test_bad_setting_error_names_the_setting(env: dict[str, str], named: str) -> None:
