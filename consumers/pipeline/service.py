@@ -48,6 +48,10 @@ from consumers.pipeline.settings import PipelineSettings
 log = logging.getLogger(__name__)
 
 _BATCH = 500
+# What Producer.produce() takes as headers. The outputs' lists of (str, bytes) pairs are valid
+# arguments as they are (the producer only reads them): cast to this alias, built once, since
+# spelling the type out in the call would build it again for every record.
+_ProducerHeaders = list[tuple[str, str | bytes | None]]
 _KAFKA_TIMEOUT_S = 30.0
 _CHANGELOG_MARGIN_MS = 2 * 3600 * 1000
 
@@ -237,8 +241,7 @@ class PipelineService:
     def _produce(self, outputs: Sequence[Output]) -> None:
         pending = self._out_pending
         for output in outputs:
-            # The producer only reads the list (a list of pairs of bytes is a valid argument).
-            headers = cast(list[tuple[str, str | bytes | None]], output.headers)
+            headers = cast(_ProducerHeaders, output.headers)
             self._send(self._routes[output.route], output.key, output.value, headers=headers)
             pending[output.route] += 1
 
