@@ -9,7 +9,8 @@ SQLite file, and only then commits the batch's offsets.
 A CRM outage never loses the position and never crash-loops: the batch is retried with
 exponential backoff (``Retry-After`` honoured) while the consumer keeps polling with its
 partitions paused, so it stays in the group; nothing is committed until the CRM took the
-batch. A crash between the CRM's answer and the commit re-reads the batch; the sync marks
+batch. A failure of the sink's SQLite file is retried the same way, on the batch kept in
+memory. A crash between the CRM's answer and the commit re-reads the batch; the sync marks
 (written before the commit) make that re-read send nothing, and an upsert by e-mail address is
 idempotent in the CRM anyway.
 """
@@ -23,7 +24,7 @@ import signal
 import sqlite3
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import orjson
@@ -56,7 +57,7 @@ from consumers.sinks.crm_port import Crm, CrmBatchRejected, CrmUnavailable, trun
 from consumers.sinks.crm_retry import Backoff, RetryReason
 from consumers.sinks.crm_settings import CrmSettings
 from consumers.sinks.hubspot import HubSpotCrm
-from consumers.sinks.outbox import CrmStore, OutboxCrm
+from consumers.sinks.outbox import CrmStateError, CrmStore, OutboxCrm
 from consumers.sinks.ratelimit import SlidingWindowLimiter
 from consumers.sinks.webhook import WebhookCrm
 
@@ -150,6 +151,24 @@ class DeadLetterProducer:
 
 
 @dataclass(slots=True)
+class Batch:
+    """Records read together, dealt with as one: their offsets commit once all are settled."""
+
+    records: list[Record]
+    next_offsets: dict[TopicPartition, int]
+    dead_lettered: set[str] = field(default_factory=set)
+    """Sources (``topic/partition/offset``) of records already in the dead-letter topic, so
+    a batch handled again after a failure of the state file does not publish them twice."""
+
+    def first_offsets(self) -> dict[str, int]:
+        """``topic/partition`` -> the batch's first offset there (for logs)."""
+        first: dict[str, int] = {}
+        for record in self.records:
+            first.setdefault(f"{record.topic}/{record.partition}", record.offset)
+        return first
+
+
+@dataclass(slots=True)
 class Delivery:
     accepted: list[Upsert]
     rejected: list[tuple[Upsert, int, str]]
@@ -187,6 +206,7 @@ class CrmSink:
             initial_s=settings.retry_initial_ms / 1000, max_s=float(settings.retry_max_s)
         )
         self._batch_partitions: set[TopicPartition] = set()
+        self._unsaved_marks: list[SyncMark] = []
         self._paused = False
         self._lag_updated_at = 0.0
 
@@ -201,22 +221,61 @@ class CrmSink:
         )
         records = [record for batch in batches.values() for record in batch]
         if records:
-            next_offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items()}
-            self._batch_partitions = set(next_offsets)
-            done = await self.handle(records)
+            batch = Batch(
+                records=records,
+                next_offsets={tp: batch[-1].offset + 1 for tp, batch in batches.items()},
+            )
+            for record in records:
+                self._metrics.records.labels(topic=record.topic).inc()
+            self._batch_partitions = set(batch.next_offsets)
+            done = await self._settle(batch)
             if self._paused:
-                self._resume(next_offsets if done else {})
+                self._resume(batch.next_offsets if done else {})
             if done:
-                await self._commit(next_offsets)
+                await self._commit(batch.next_offsets)
             self._batch_partitions = set()
         await self._update_lag()
 
-    async def handle(self, records: Sequence[Record]) -> bool:
-        """Deliver one batch; False when stopped (or its partitions revoked) before the end."""
+    async def _settle(self, batch: Batch) -> bool:
+        """:meth:`handle` the batch until it gets through; False when stopped first.
+
+        A failure of the sink's state file (locked, disk full, an I/O error) is retried with
+        backoff on the same records, kept in memory with their offsets uncommitted. What the
+        failed attempt already did is not done twice: sync marks it could not save are saved
+        first (so a contact the CRM accepted is not sent again) and records it dead-lettered
+        are not published again.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self.handle(batch)
+            except CrmStateError as exc:
+                self._metrics.state_errors.labels(operation=exc.operation, error=exc.error).inc()
+                wait_s = self._backoff.delay_s(attempt, draw=self._draw())
+                attempt += 1
+                log.warning(
+                    "CRM sink state file failed; the batch is tried again",
+                    extra={
+                        "operation": exc.operation,
+                        "error": exc.error,
+                        "wait_s": round(wait_s, 3),
+                        "offsets": batch.first_offsets(),
+                    },
+                )
+                if not await self._wait(wait_s):
+                    return False
+
+    async def handle(self, batch: Batch) -> bool:
+        """Deliver one batch; False when stopped (or its partitions revoked) before the end.
+
+        Raises :class:`CrmStateError` when the state file fails; the batch may be handled
+        again.
+        """
+        self._save_marks([])
+        records = batch.records
         logins: list[Login] = []
         dead: list[DeadLetter] = []
         for index, record in enumerate(records):
-            self._metrics.records.labels(topic=record.topic).inc()
             try:
                 value = orjson.loads(record.value) if record.value is not None else None
                 if not isinstance(value, dict):
@@ -228,19 +287,19 @@ class CrmSink:
 
         known = self._store.marks(login.user_key for login in logins)
         plan = plan_upserts(logins, known, min_interval_ms=self._settings.min_interval_ms)
-        for reason, count in plan.skipped.items():
-            self._metrics.skipped_records.labels(reason=reason.value).inc(count)
 
         delivery = await self._deliver(plan.upserts, known)
         if not delivery.complete:
             return False
         for upsert, status, detail in delivery.rejected:
             dead.append(DeadLetter(records[upsert.login.ref], "crm_rejected", detail, status))
-        if dead and not await self._dead_letter(dead):
+        if dead and not await self._dead_letter(batch, dead):
             return False
-        self._store.save_marks(
+        self._save_marks(
             [m for upsert, _, _ in delivery.rejected for m in upsert.marks_if_rejected(known)]
         )
+        for reason, count in plan.skipped.items():
+            self._metrics.skipped_records.labels(reason=reason.value).inc(count)
         log.info(
             "batch synced",
             extra={
@@ -253,6 +312,17 @@ class CrmSink:
             },
         )
         return True
+
+    def _save_marks(self, marks: Sequence[SyncMark]) -> None:
+        """Save sync marks, with any a failed save left behind; raises :class:`CrmStateError`.
+
+        Marks that could not be saved stay in memory until a later save takes them, so the
+        batch tried again plans with them (it would otherwise send accepted contacts again).
+        """
+        self._unsaved_marks += marks
+        if self._unsaved_marks:
+            self._store.save_marks(self._unsaved_marks)
+            self._unsaved_marks = []
 
     async def _deliver(self, upserts: list[Upsert], known: Mapping[str, SyncMark]) -> Delivery:
         """Every upsert accepted or rejected for good (``complete``), unless stopped first.
@@ -300,10 +370,10 @@ class CrmSink:
             clean = not result.rejected and not result.retry
             self._metrics.batches.labels(crm=crm, outcome="accepted" if clean else "partial").inc()
             accepted = [by_email[contact.email] for contact in result.accepted]
+            self._metrics.contacts_upserted.labels(crm=crm).inc(len(accepted))
             # Marked as soon as the CRM answered, so a crash or a stop re-sends at most the
             # request in flight.
-            self._store.save_marks([m for u in accepted for m in u.marks_if_accepted(known)])
-            self._metrics.contacts_upserted.labels(crm=crm).inc(len(accepted))
+            self._save_marks([m for u in accepted for m in u.marks_if_accepted(known)])
             delivery.accepted += accepted
             delivery.rejected += [
                 (by_email[r.contact.email], r.status, r.detail) for r in result.rejected
@@ -327,11 +397,14 @@ class CrmSink:
                     return delivery
         return delivery
 
-    async def _dead_letter(self, dead: list[DeadLetter]) -> bool:
+    async def _dead_letter(self, batch: Batch, dead: list[DeadLetter]) -> bool:
         """Publish to the dead-letter topic (acks=all); False when stopped before the end."""
         for letter in dead:
+            if letter.source in batch.dead_lettered:
+                continue
             if not await self._publish(letter):
                 return False
+            batch.dead_lettered.add(letter.source)
         return True
 
     async def _publish(self, letter: DeadLetter) -> bool:

@@ -63,6 +63,13 @@ class CrmMetrics:
             ["reason"],
             registry=r,
         )
+        self.state_errors = Counter(
+            "wifi_crm_state_errors",
+            "Failures of the sink's SQLite state file, by operation and SQLite error name "
+            "(the batch is tried again)",
+            ["operation", "error"],
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "wifi_crm_consumer_lag_records",
             "Records on a partition after the sink's position (read_committed end offset)",

@@ -7,19 +7,23 @@ One file (``CRM_STATE_DB``, default ``.data/crm-sink.db``), never the analytics 
 - ``crm_outbox``: what would have been sent, one row per upsert, keyed by the login's event id:
   writing the same upsert twice (a replay, a crash before the marks were saved) changes nothing.
 
-SQLite in WAL mode: a committed transaction survives a killed process.
+SQLite in WAL mode: a committed transaction survives a killed process. A failure of the file
+(locked by another process, disk full, I/O error) raises :class:`CrmStateError`, which the
+sink retries: the file is the sink's memory of what the CRM holds, never worth a crash.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
 import orjson
 
+from bridge.errors import WifiBridgeError
 from consumers.sinks.contacts import Contact, SyncMark
 from consumers.sinks.crm_port import UpsertResult
 from consumers.sinks.webhook import contact_json
@@ -42,26 +46,63 @@ CREATE INDEX IF NOT EXISTS crm_outbox_email ON crm_outbox (email);
 """
 
 
-class CrmStore:
-    """The sink's SQLite file; one instance per process (one writer)."""
+class CrmStateError(WifiBridgeError):
+    """The sink's SQLite file failed (locked, full, an I/O error); the same call may work later.
 
-    def __init__(self, path: Path) -> None:
+    ``operation`` (``read_marks``, ``save_marks``, ``write_outbox``) and ``error`` (SQLite's
+    error name, such as ``SQLITE_BUSY`` or ``SQLITE_FULL``) are fit for a metric label: neither
+    carries anything from a record.
+    """
+
+    code = "crm_state_error"
+    retryable = True
+
+    def __init__(self, message: str, *, operation: str, error: str) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.error = error
+
+
+@contextmanager
+def _state_errors(operation: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        error = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        raise CrmStateError(
+            f"the CRM state file failed to {operation.replace('_', ' ')}: {error}",
+            operation=operation,
+            error=error,
+        ) from exc
+
+
+class CrmStore:
+    """The sink's SQLite file; one instance per process (one writer).
+
+    ``busy_timeout_ms`` (default 5000) is how long a write waits for another connection's
+    lock before it fails with :class:`CrmStateError`.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
+        if busy_timeout_ms < 0:
+            raise ValueError("busy_timeout_ms must be >= 0")
         if path.parent != Path():
             path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         self._db.executescript(_SCHEMA)
 
     def marks(self, user_keys: Iterable[str]) -> dict[str, SyncMark]:
         keys = orjson.dumps(list(dict.fromkeys(user_keys))).decode()
-        rows = self._db.execute(
-            "SELECT user_key, synced_event_ms, handled_event_ms FROM crm_sync_state "
-            "WHERE user_key IN (SELECT value FROM json_each(?))",
-            (keys,),
-        )
+        with _state_errors("read_marks"):
+            rows = self._db.execute(
+                "SELECT user_key, synced_event_ms, handled_event_ms FROM crm_sync_state "
+                "WHERE user_key IN (SELECT value FROM json_each(?))",
+                (keys,),
+            ).fetchall()
         return {key: SyncMark(key, synced, handled) for key, synced, handled in rows}
 
     def save_marks(self, marks: Sequence[SyncMark]) -> None:
@@ -69,7 +110,7 @@ class CrmStore:
         if not marks:
             return
         now_ms = int(time.time() * 1000)
-        with self._transaction():
+        with _state_errors("save_marks"), self._transaction():
             self._db.executemany(
                 "INSERT INTO crm_sync_state VALUES (?, ?, ?, ?) ON CONFLICT (user_key) DO UPDATE "
                 "SET synced_event_ms = max(coalesce(synced_event_ms, excluded.synced_event_ms),"
@@ -81,7 +122,7 @@ class CrmStore:
 
     def store_outbox(self, contacts: Sequence[Contact]) -> None:
         now_ms = int(time.time() * 1000)
-        with self._transaction():
+        with _state_errors("write_outbox"), self._transaction():
             self._db.executemany(
                 "INSERT INTO crm_outbox VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
                 [
@@ -115,7 +156,15 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        # SQLite may already have rolled back (a full disk does), and a COMMIT that fails (a
+        # reader holding the file, an I/O error) leaves the transaction open: either way the
+        # connection must come out of it, or every later BEGIN fails too.
+        try:
+            if kind is None:
+                self._db.execute("COMMIT")
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
 
 
 class OutboxCrm:

@@ -522,3 +522,56 @@ async def test_a_dead_letter_refused_even_without_its_value_is_dropped_not_retri
     assert fake.synced == emails(records) - {poison}
     assert await sink.metric("wifi_crm_rejected_records_total") == 0
     assert await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=2) == []
+
+
+async def test_a_locked_state_file_is_retried_and_every_contact_synced_once(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server()
+    sink = await crm_sink.start(**hubspot_env(fake))
+    records = logins_of(10, prefix="locked")
+    later = logins_of(5, prefix="unlocked")
+    # Another process holds the write lock: the sink's save of the sync marks, after the CRM
+    # accepted the contacts, fails once its busy timeout (5 s) has passed.
+    with closing(sqlite3.connect(sink.settings.state_db, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+
+        async def retried() -> bool:
+            errors = await sink.metric("wifi_crm_state_errors_total", operation="save_marks")
+            return errors >= 2
+
+        await eventually(retried, timeout_s=60, what="the failed save retried")
+        assert fake.synced <= emails(records)
+        group = sink.env["CRM_GROUP_ID"]
+        assert await uncommitted_records(kafka_bootstrap, group, [crm_topics.visits]) == 10
+        other.execute("ROLLBACK")
+
+    await produce_logins(kafka_bootstrap, crm_topics.visits, later)
+    await eventually(lambda: fake.synced == emails(records + later), what="all synced")
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert set(fake.upserts.values()) == {1}, "a contact was sent twice"
+    assert await sink.metric("wifi_crm_contacts_upserted_total") == 15
+    assert await sink.metric("wifi_crm_state_errors_total", error="SQLITE_BUSY") >= 2
+    samples = (await sink.metrics_text()).splitlines()
+    assert not [line for line in samples if "@" in line], "personal data in a metric label"
+
+
+async def test_a_locked_outbox_is_retried_and_every_contact_written_once(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner
+) -> None:
+    sink = await crm_sink.start()
+    records = logins_of(8, prefix="lockedbox")
+    with closing(sqlite3.connect(sink.settings.state_db, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+
+        async def retried() -> bool:
+            return await sink.metric("wifi_crm_state_errors_total", operation="write_outbox") >= 1
+
+        await eventually(retried, timeout_s=60, what="the failed outbox write retried")
+        other.execute("ROLLBACK")
+
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert _outbox(sink.settings.state_db) == {"rows": 8, "event_ids": 8, "emails": 8}
+    assert await sink.metric("wifi_crm_contacts_upserted_total", crm="outbox") == 8

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import orjson
@@ -10,7 +12,7 @@ import pytest
 from consumers.sinks.contacts import Contact, SyncMark
 from consumers.sinks.crm_port import MAX_DETAIL_BYTES, TRUNCATED_MARKER, truncate_detail
 from consumers.sinks.hubspot import contact_properties, read_answer, upsert_body
-from consumers.sinks.outbox import CrmStore
+from consumers.sinks.outbox import CrmStateError, CrmStore
 from consumers.sinks.webhook import sign, verify
 
 
@@ -156,6 +158,46 @@ def test_marks_of_many_users_are_read_in_one_query(tmp_path: Path) -> None:
     store = CrmStore(tmp_path / "crm.db")
     store.save_marks([SyncMark(f"u{n}", n, n) for n in range(2000)])
     assert len(store.marks(f"u{n}" for n in range(0, 4000, 2))) == 1000
+    store.close()
+
+
+def test_a_state_file_locked_by_another_connection_raises_a_retryable_error_until_freed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "crm.db"
+    store = CrmStore(path, busy_timeout_ms=50)
+    store.save_marks([SyncMark("u1", 1, 1)])
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(CrmStateError) as saving:
+            store.save_marks([SyncMark("u2", 2, 2)])
+        assert (saving.value.operation, saving.value.error) == ("save_marks", "SQLITE_BUSY")
+        assert saving.value.retryable
+        with pytest.raises(CrmStateError) as writing:
+            store.store_outbox([contact(0)])
+        assert writing.value.operation == "write_outbox"
+        # WAL: reading goes on while another connection writes
+        assert store.marks(["u1"]) == {"u1": SyncMark("u1", 1, 1)}
+        other.execute("ROLLBACK")
+    # nothing of the failed attempts is left half done: the same calls now go through
+    store.save_marks([SyncMark("u2", 2, 2)])
+    store.store_outbox([contact(0)])
+    assert store.marks(["u1", "u2"]) == {"u1": SyncMark("u1", 1, 1), "u2": SyncMark("u2", 2, 2)}
+    assert store.outbox_rows() == 1
+    store.close()
+
+
+def test_a_state_file_that_cannot_be_read_raises_a_state_error_naming_the_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "crm.db"
+    store = CrmStore(path, busy_timeout_ms=50)
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("DROP TABLE crm_sync_state")
+    with pytest.raises(CrmStateError) as reading:
+        store.marks(["u1"])
+    assert reading.value.operation == "read_marks"
+    assert "u1" not in str(reading.value)
     store.close()
 
 
