@@ -1,0 +1,158 @@
+{{/* Names, labels and the pieces every component's pod shares. */}}
+
+{{- define "wifi-bridge.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name of one component's objects: <fullname>-<component>. */}}
+{{- define "wifi-bridge.component" -}}
+{{- printf "%s-%s" (include "wifi-bridge.fullname" .root) .component -}}
+{{- end -}}
+
+{{- define "wifi-bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "wifi-bridge.labels" -}}
+{{ include "wifi-bridge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+{{- end -}}
+
+{{- define "wifi-bridge.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "wifi-bridge.required" -}}
+{{- if not .Values.kafka.bootstrapServers -}}
+{{- fail "kafka.bootstrapServers is required: the Kafka brokers, comma-separated host:port" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Kafka settings every service reads (KAFKA_*), and the SASL and TLS Secrets. */}}
+{{- define "wifi-bridge.kafkaEnv" -}}
+- name: KAFKA_BOOTSTRAP_SERVERS
+  value: {{ .Values.kafka.bootstrapServers | quote }}
+- name: KAFKA_SECURITY_PROTOCOL
+  value: {{ .Values.kafka.securityProtocol | quote }}
+- name: KAFKA_CLIENT_ID
+  value: {{ include "wifi-bridge.fullname" . | quote }}
+- name: KAFKA_CREATE_TOPICS
+  value: {{ .Values.kafka.createTopics | quote }}
+- name: KAFKA_TOPIC_PARTITIONS
+  value: {{ .Values.kafka.topicPartitions | quote }}
+- name: KAFKA_REPLICATION_FACTOR
+  value: {{ .Values.kafka.replicationFactor | quote }}
+- name: KAFKA_MIN_INSYNC_REPLICAS
+  value: {{ .Values.kafka.minInsyncReplicas | quote }}
+{{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}
+- name: KAFKA_SASL_MECHANISM
+  value: {{ .Values.kafka.sasl.mechanism | quote }}
+{{- if .Values.kafka.sasl.existingSecret }}
+- name: KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.kafka.sasl.existingSecret | quote }}, key: username}
+- name: KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.kafka.sasl.existingSecret | quote }}, key: password}
+{{- end }}
+{{- end }}
+{{- if .Values.kafka.tls.existingSecret }}
+- name: KAFKA_SSL_CAFILE
+  value: /etc/wifi-bridge/kafka-tls/ca.crt
+{{- if .Values.kafka.tls.clientCertificate }}
+- name: KAFKA_SSL_CERTFILE
+  value: /etc/wifi-bridge/kafka-tls/tls.crt
+- name: KAFKA_SSL_KEYFILE
+  value: /etc/wifi-bridge/kafka-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A component's own `env` (plain) and `secretEnv` (NAME: {secret, key}) pass-through. */}}
+{{- define "wifi-bridge.extraEnv" -}}
+{{- range $name, $value := .env }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- range $name, $ref := .secretEnv }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef: {name: {{ required (printf "secretEnv.%s.secret is required" $name) $ref.secret | quote }}, key: {{ required (printf "secretEnv.%s.key is required" $name) $ref.key | quote }}}
+{{- end }}
+{{- end -}}
+
+{{- define "wifi-bridge.kafkaVolumeMounts" -}}
+{{- if .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  mountPath: /etc/wifi-bridge/kafka-tls
+  readOnly: true
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "wifi-bridge.kafkaVolumes" -}}
+{{- if .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.tls.existingSecret | quote }}
+{{- end }}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{/* Pod-level fields every component shares: pull secrets, security context, scheduling. */}}
+{{- define "wifi-bridge.podSpec" -}}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "wifi-bridge.podMetadata" -}}
+labels:
+  {{- include "wifi-bridge.labels" . | nindent 2 }}
+  {{- with .root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with .root.Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A volumeClaimTemplate named "data". */}}
+{{- define "wifi-bridge.dataClaim" -}}
+- metadata:
+    name: data
+  spec:
+    accessModes: [ReadWriteOnce]
+    {{- with .storageClassName }}
+    storageClassName: {{ . | quote }}
+    {{- end }}
+    resources:
+      requests:
+        storage: {{ .volumeSize | quote }}
+{{- end -}}
