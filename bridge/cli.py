@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_arguments(report)
 
+    replay = commands.add_parser(
+        "replay",
+        help="move where a sink or a consumer group reads its topics, to read them again",
+        description="Move the analytics sink's stored positions, or a consumer group's "
+        "committed offsets, to the start of the topics, their end, a time or a duration back "
+        "from now. Shows the move; --execute makes it.",
+    )
+    from consumers.replay import add_arguments as replay_arguments
+
+    replay_arguments(replay)
+
     commands.add_parser("settings", help="print every setting as Markdown tables")
     return parser
 
@@ -157,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from consumers.report import run as report_run
 
         return report_run(args, os.environ)
+    if args.command == "replay":
+        from consumers.replay import run as replay_run
+
+        return replay_run(args, os.environ)
     if args.command == "simulate":
         from simulator.cli import run as simulate
 

@@ -56,6 +56,8 @@ __all__ = ["AnalyticsSink", "build_store", "run", "serve"]
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 _FIRST_BACKOFF_S = 0.1
 _KAFKA_COMMIT_TIMEOUT_S = 5.0
+# How often the sink checks, between batches, that its claims are still its own.
+_CLAIM_CHECK_S = 5.0
 
 
 def build_store(settings: AnalyticsSettings) -> AnalyticsStore:
@@ -141,6 +143,45 @@ class AnalyticsSink:
         self._metrics.owned_partitions.set(len(self._epochs))
         log.info("partitions revoked", extra={"partitions": _names(gone)})
 
+    def _reclaim(self, consumer: AIOKafkaConsumer, lost: Iterable[TopicPartition]) -> None:
+        """Partitions whose claim is no longer this instance's: claim them again, paused."""
+        assigned = consumer.assignment()
+        for tp in lost:
+            self._forget(tp)
+            # Still ours in Kafka's view: a claim that raced a rebalance, or positions moved by
+            # `wifi-bridge replay`. Claim it again (after the backoff) and resume from what the
+            # database holds; if this instance is the zombie, its revocation is near. (Pausing
+            # a partition Kafka took away meanwhile would raise.)
+            if tp in assigned:
+                consumer.pause(tp)
+                self._unclaimed.add(tp)
+        self._metrics.owned_partitions.set(len(self._epochs))
+
+    async def _check_claims(self, consumer: AIOKafkaConsumer) -> None:
+        """Between batches: notice claims that moved on without this instance writing.
+
+        A partition whose epoch changed in the database (another instance claimed it, or its
+        position was moved) is claimed again now, rather than at its next batch, which on a
+        quiet topic may be far off.
+        """
+        if not self._epochs:
+            return
+        try:
+            stored = await self._store.epochs(sorted({tp.topic for tp in self._epochs}))
+        except StoreUnavailable:
+            return  # the next batch (or check) meets the outage and backs off
+        moved = {
+            tp
+            for tp, epoch in self._epochs.items()
+            if stored.get((tp.topic, tp.partition)) != epoch
+        }
+        if moved:
+            log.warning(
+                "partitions claimed or moved since this instance claimed them: claiming again",
+                extra={"partitions": _names(moved)},
+            )
+            self._reclaim(consumer, moved)
+
     def _forget(self, tp: TopicPartition) -> None:
         self._epochs.pop(tp, None)
         self._next.pop(tp, None)
@@ -179,8 +220,12 @@ class AnalyticsSink:
             await self._store.close()
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
+        next_check_s = time.monotonic() + _CLAIM_CHECK_S
         while not self._stop.is_set():
             healthy = True
+            if time.monotonic() >= next_check_s:
+                next_check_s = time.monotonic() + _CLAIM_CHECK_S
+                await self._check_claims(consumer)
             if self._unclaimed:
                 healthy = await self._claim(consumer)
             # Poll even while the database is down: a consumer that stops polling for
@@ -301,17 +346,8 @@ class AnalyticsSink:
                 "partitions claimed by another instance since this one claimed them",
                 extra={"partitions": _names(lost)},
             )
-            assigned = consumer.assignment()
-            for tp in lost:
-                self._forget(tp)
-                # Still ours in Kafka's view: a claim that raced a rebalance. Claim it again
-                # (after the backoff); if this instance is the zombie, its revocation is near.
-                # (Pausing a partition Kafka took away meanwhile would raise.)
-                if tp in assigned:
-                    consumer.pause(tp)
-                    self._unclaimed.add(tp)
+            self._reclaim(consumer, lost)
             self._rewind(consumer, batch)
-            self._metrics.owned_partitions.set(len(self._epochs))
             return False
         except (StoreUnavailable, KafkaError) as exc:
             self._metrics.batches.labels(outcome="failed").inc()

@@ -25,7 +25,7 @@ login twice and therefore adds nothing twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -234,6 +234,22 @@ _ADVANCE_OFFSETS: Final = (
     "AND sink_offsets.epoch = v.epoch AND sink_offsets.consumer_group = $5 "
     "RETURNING sink_offsets.topic, sink_offsets.partition"
 )
+_POSITIONS: Final = (
+    "SELECT topic, partition, next_offset FROM sink_offsets "
+    "WHERE consumer_group = $1 AND topic IN (SELECT unnest($2::text[])) "
+    "ORDER BY topic, partition"
+)
+_EPOCHS: Final = (
+    "SELECT topic, partition, epoch FROM sink_offsets "
+    "WHERE consumer_group = $1 AND topic IN (SELECT unnest($2::text[]))"
+)
+_MOVE: Final = (
+    "INSERT INTO sink_offsets (consumer_group, topic, partition, next_offset, epoch, claimed_at) "
+    "VALUES ($1, $2, $3, $4, 1, current_timestamp) "
+    "ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "
+    "next_offset = excluded.next_offset, epoch = sink_offsets.epoch + 1, "
+    "claimed_at = excluded.claimed_at"
+)
 _CLAIM: Final = (
     "INSERT INTO sink_offsets (consumer_group, topic, partition, next_offset, epoch, claimed_at) "
     "VALUES ($1, $2, $3, NULL, 1, current_timestamp) "
@@ -297,6 +313,41 @@ class AnalyticsStore:
             await self._sql.reset()
             raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
         return claims
+
+    async def positions(self, topics: Sequence[str]) -> dict[tuple[str, int], int | None]:
+        """Where the group resumes on each stored partition of ``topics`` (None: the start)."""
+        await self.open()
+        try:
+            rows = await self._sql.fetch(_POSITIONS, self.group_id, list(topics))
+        except self._sql.transient_errors as exc:
+            await self._sql.reset()
+            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+        return {(str(topic), int(partition)): offset for topic, partition, offset in rows}
+
+    async def epochs(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        """The current epoch of each stored partition of ``topics``, for this group."""
+        await self.open()
+        try:
+            rows = await self._sql.fetch(_EPOCHS, self.group_id, list(topics))
+        except self._sql.transient_errors as exc:
+            await self._sql.reset()
+            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+        return {(str(topic), int(partition)): int(epoch) for topic, partition, epoch in rows}
+
+    async def move(self, moves: Mapping[tuple[str, int], int | None]) -> None:
+        """Set where the group resumes (None: the start), fencing whoever holds the partitions.
+
+        Each moved partition's epoch goes up, in one transaction: an instance writing it gets
+        :class:`Fenced` on its next batch, claims it again and resumes from the new position.
+        """
+        await self.open()
+        try:
+            async with self._sql.transaction():
+                for (topic, partition), offset in sorted(moves.items()):
+                    await self._sql.execute(_MOVE, self.group_id, topic, partition, offset)
+        except self._sql.transient_errors as exc:
+            await self._sql.reset()
+            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
 
     async def write(self, logins: Sequence[Login], positions: Sequence[Position]) -> WriteResult:
         """Store one batch and its partitions' next offsets in one transaction."""

@@ -1,0 +1,53 @@
+"""What ``wifi-bridge replay`` reads from ``--to`` / ``--ago``, and how it counts a move."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.errors import ConfigError
+from consumers.replay import Move, Target, parse_target
+
+NOW_MS = 1_764_600_000_000  # 2025-12-01T14:40:00Z
+
+
+@pytest.mark.parametrize(
+    ("to", "ago", "expected"),
+    [
+        ("beginning", None, Target("beginning")),
+        ("end", None, Target("end")),
+        ("2025-12-01T14:00:00Z", None, Target("time", NOW_MS - 40 * 60_000)),
+        ("2025-12-01T15:00:00+01:00", None, Target("time", NOW_MS - 40 * 60_000)),
+        (None, "3h", Target("time", NOW_MS - 3 * 3_600_000)),
+        (None, "90m", Target("time", NOW_MS - 90 * 60_000)),
+        (None, "2d", Target("time", NOW_MS - 2 * 86_400_000)),
+        (None, "45s", Target("time", NOW_MS - 45_000)),
+    ],
+)
+def test_targets_are_read_as_documented(to: str | None, ago: str | None, expected: Target) -> None:
+    assert parse_target(to, ago, now_ms=NOW_MS) == expected
+
+
+@pytest.mark.parametrize(
+    ("to", "ago", "message"),
+    [
+        ("2025-12-01T14:00:00", None, "--to must be beginning, end or a time with its offset"),
+        ("yesterday", None, "--to must be"),
+        ("-3h", None, "use --ago 3h"),
+        (None, "3", "--ago must be a duration"),
+        (None, "3 weeks", "--ago must be a duration"),
+    ],
+)
+def test_an_unreadable_target_names_the_option(
+    to: str | None, ago: str | None, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_target(to, ago, now_ms=NOW_MS)
+
+
+def test_a_move_counts_the_records_read_again_or_skipped() -> None:
+    assert Move("t", 0, current=10, new=4, low=0, high=12).rereads == 6
+    assert Move("t", 0, current=None, new=4, low=2, high=12).rereads == -2  # from the start: 2
+    assert Move("t", 0, current=12, new=None, low=3, high=12).rereads == 9
+    assert Move("t", 0, current=4, new=12, low=0, high=12).rereads == -8
+    # A stored position past the end (a topic created again) counts from the end.
+    assert Move("t", 0, current=50, new=0, low=0, high=12).rereads == 12
