@@ -9,10 +9,12 @@ SQLite file, and only then commits the batch's offsets.
 A CRM outage never loses the position and never crash-loops: the batch is retried with
 exponential backoff (``Retry-After`` honoured) while the consumer keeps polling with its
 partitions paused, so it stays in the group; nothing is committed until the CRM took the
-batch. A failure of the sink's SQLite file is retried the same way, on the batch kept in
-memory. A crash between the CRM's answer and the commit re-reads the batch; the sync marks
-(written before the commit) make that re-read send nothing, and an upsert by e-mail address is
-idempotent in the CRM anyway.
+batch. A request the CRM keeps answering 5xx is split in halves, so that one contact the CRM
+chokes on cannot hold back the others (:mod:`consumers.sinks.crm_requests` decides when such
+a contact, left alone, is dead-lettered: never in an outage). A failure of the sink's SQLite
+file is retried like an outage, on the batch kept in memory. A crash between the CRM's
+answer and the commit re-reads the batch; the sync marks (written before the commit) make
+that re-read send nothing, and an upsert by e-mail address is idempotent in the CRM anyway.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import random
 import signal
 import sqlite3
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -46,7 +48,6 @@ from consumers.sinks.contacts import (
     SyncMark,
     UnreadableRecord,
     Upsert,
-    chunks,
     login_from_record,
     plan_upserts,
 )
@@ -54,6 +55,7 @@ from consumers.sinks.crm_dlq import DeadLetterRecord, fit_dead_letter
 from consumers.sinks.crm_http import HttpClient
 from consumers.sinks.crm_metrics import CrmMetrics
 from consumers.sinks.crm_port import Crm, CrmBatchRejected, CrmUnavailable, truncate_detail
+from consumers.sinks.crm_requests import Outcome, RequestQueue
 from consumers.sinks.crm_retry import Backoff, RetryReason
 from consumers.sinks.crm_settings import CrmSettings
 from consumers.sinks.hubspot import HubSpotCrm
@@ -96,6 +98,22 @@ def make_crm(settings: CrmSettings, store: CrmStore, metrics: CrmMetrics) -> Crm
         http=http,
         max_batch_size=settings.batch_size,
     )
+
+
+def _json_object(record: Record) -> dict[str, object]:
+    value = orjson.loads(record.value) if record.value is not None else None
+    if not isinstance(value, dict):
+        raise UnreadableRecord("the record is not a JSON object")
+    return value
+
+
+def _concerns(record: Record, users: set[str], addresses: set[str]) -> bool:
+    """Whether ``record`` is a login of one of ``users`` or for one of ``addresses``."""
+    try:
+        login = login_from_record(_json_object(record))
+    except (orjson.JSONDecodeError, UnreadableRecord):
+        return False
+    return login.user_key in users or login.email in addresses
 
 
 @dataclass(slots=True)
@@ -152,13 +170,19 @@ class DeadLetterProducer:
 
 @dataclass(slots=True)
 class Batch:
-    """Records read together, dealt with as one: their offsets commit once all are settled."""
+    """Records read together, dealt with as one: their offsets commit once all are settled.
+
+    While the CRM fails on every request of the batch, the batch may grow by the records
+    read after it (see :meth:`CrmSink._wait`); ``next_offsets`` follows, and a partition
+    whose next record must wait for the batch to end is ``blocked``.
+    """
 
     records: list[Record]
     next_offsets: dict[TopicPartition, int]
     dead_lettered: set[str] = field(default_factory=set)
     """Sources (``topic/partition/offset``) of records already in the dead-letter topic, so
     a batch handled again after a failure of the state file does not publish them twice."""
+    blocked: set[TopicPartition] = field(default_factory=set)
 
     def first_offsets(self) -> dict[str, int]:
         """``topic/partition`` -> the batch's first offset there (for logs)."""
@@ -168,11 +192,28 @@ class Batch:
         return first
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An upsert that goes to the dead-letter topic, with the CRM's answer."""
+
+    upsert: Upsert
+    status: int
+    detail: str
+    reason: str = "crm_rejected"
+
+
 @dataclass(slots=True)
 class Delivery:
     accepted: list[Upsert]
-    rejected: list[tuple[Upsert, int, str]]
+    refused: list[Refusal]
     complete: bool = True
+
+
+#: Why a contact the CRM kept answering 5xx for, alone, while it took other requests, is
+#: dead-lettered (``dlq-reason``): it may succeed once the CRM is fixed, unlike a rejection.
+SERVER_ERROR_REASON = "crm_server_error"
+
+Grow: TypeAlias = Callable[[dict[TopicPartition, list[Record]]], bool]
 
 
 class CrmSink:
@@ -205,7 +246,7 @@ class CrmSink:
         self._backoff = Backoff(
             initial_s=settings.retry_initial_ms / 1000, max_s=float(settings.retry_max_s)
         )
-        self._batch_partitions: set[TopicPartition] = set()
+        self._batch: Batch | None = None
         self._unsaved_marks: list[SyncMark] = []
         self._paused = False
         self._lag_updated_at = 0.0
@@ -227,13 +268,13 @@ class CrmSink:
             )
             for record in records:
                 self._metrics.records.labels(topic=record.topic).inc()
-            self._batch_partitions = set(batch.next_offsets)
+            self._batch = batch
             done = await self._settle(batch)
             if self._paused:
                 self._resume(batch.next_offsets if done else {})
             if done:
                 await self._commit(batch.next_offsets)
-            self._batch_partitions = set()
+            self._batch = None
         await self._update_lag()
 
     async def _settle(self, batch: Batch) -> bool:
@@ -272,46 +313,95 @@ class CrmSink:
         again.
         """
         self._save_marks([])
-        records = batch.records
-        logins: list[Login] = []
         dead: list[DeadLetter] = []
-        for index, record in enumerate(records):
-            try:
-                value = orjson.loads(record.value) if record.value is not None else None
-                if not isinstance(value, dict):
-                    raise UnreadableRecord("the record is not a JSON object")
-                logins.append(login_from_record(value, ref=index))
-            except (orjson.JSONDecodeError, UnreadableRecord) as exc:
-                detail = str(exc) if isinstance(exc, UnreadableRecord) else "not JSON"
-                dead.append(DeadLetter(record, "unreadable", detail))
-
+        logins = self._read(batch.records, dead, first_ref=0)
         known = self._store.marks(login.user_key for login in logins)
         plan = plan_upserts(logins, known, min_interval_ms=self._settings.min_interval_ms)
+        skipped = Counter(plan.skipped)
+        queue = RequestQueue(
+            plan.upserts,
+            max_batch_size=self._crm.max_batch_size,
+            split_after=self._settings.split_after_server_errors,
+            max_attempts=self._settings.record_max_attempts,
+        )
 
-        delivery = await self._deliver(plan.upserts, known)
+        def grow(got: dict[TopicPartition, list[Record]]) -> bool:
+            """Records read after the batch join it; True when they give requests to send."""
+            first_ref = len(batch.records)
+            records = self._take(batch, got, list(queue.items()))
+            more_logins = self._read(records, dead, first_ref=first_ref)
+            more_known = self._store.marks(login.user_key for login in more_logins)
+            known.update(more_known)
+            more = plan_upserts(
+                more_logins, more_known, min_interval_ms=self._settings.min_interval_ms
+            )
+            skipped.update(more.skipped)
+            queue.add(more.upserts)
+            return bool(more.upserts)
+
+        delivery = await self._deliver(queue, known, grow)
         if not delivery.complete:
             return False
-        for upsert, status, detail in delivery.rejected:
-            dead.append(DeadLetter(records[upsert.login.ref], "crm_rejected", detail, status))
+        records = batch.records
+        for refusal in delivery.refused:
+            record = records[refusal.upsert.login.ref]
+            dead.append(DeadLetter(record, refusal.reason, refusal.detail, refusal.status))
         if dead and not await self._dead_letter(batch, dead):
             return False
         self._save_marks(
-            [m for upsert, _, _ in delivery.rejected for m in upsert.marks_if_rejected(known)]
+            [m for refusal in delivery.refused for m in refusal.upsert.marks_if_rejected(known)]
         )
-        for reason, count in plan.skipped.items():
+        for reason, count in skipped.items():
             self._metrics.skipped_records.labels(reason=reason.value).inc(count)
         log.info(
             "batch synced",
             extra={
                 "records": len(records),
                 "upserted": len(delivery.accepted),
-                "rejected": len(delivery.rejected),
+                "rejected": len(delivery.refused),
                 "unreadable": sum(1 for d in dead if d.reason == "unreadable"),
-                "skipped": sum(plan.skipped.values()),
+                "skipped": sum(skipped.values()),
                 "offsets": {f"{r.topic}/{r.partition}": r.offset for r in records[-1:]},
             },
         )
         return True
+
+    @staticmethod
+    def _read(records: Sequence[Record], dead: list[DeadLetter], *, first_ref: int) -> list[Login]:
+        """The logins of ``records`` (``ref``: index in the batch); the others join ``dead``."""
+        logins: list[Login] = []
+        for index, record in enumerate(records, start=first_ref):
+            try:
+                logins.append(login_from_record(_json_object(record), ref=index))
+            except (orjson.JSONDecodeError, UnreadableRecord) as exc:
+                detail = str(exc) if isinstance(exc, UnreadableRecord) else "not JSON"
+                dead.append(DeadLetter(record, "unreadable", detail))
+        return logins
+
+    def _take(
+        self, batch: Batch, got: dict[TopicPartition, list[Record]], waiting: Sequence[Upsert]
+    ) -> list[Record]:
+        """The records of ``got`` that join ``batch``, which keeps them.
+
+        On each partition they stop before the first login of a user, or an address, whose
+        contact still waits in the batch: that login must not overtake it (nor be planned
+        against marks that do not have it yet). The partition goes back to that record and
+        stays blocked until the batch ends.
+        """
+        users = {key for upsert in waiting for key, _ in upsert.users}
+        addresses = {upsert.contact.email for upsert in waiting}
+        taken: list[Record] = []
+        for tp, records in got.items():
+            for record in records:
+                if _concerns(record, users, addresses):
+                    self._consumer.seek(tp, record.offset)
+                    batch.blocked.add(tp)
+                    break
+                taken.append(record)
+                batch.next_offsets[tp] = record.offset + 1
+                self._metrics.records.labels(topic=record.topic).inc()
+        batch.records += taken
+        return taken
 
     def _save_marks(self, marks: Sequence[SyncMark]) -> None:
         """Save sync marks, with any a failed save left behind; raises :class:`CrmStateError`.
@@ -324,23 +414,47 @@ class CrmSink:
             self._store.save_marks(self._unsaved_marks)
             self._unsaved_marks = []
 
-    async def _deliver(self, upserts: list[Upsert], known: Mapping[str, SyncMark]) -> Delivery:
-        """Every upsert accepted or rejected for good (``complete``), unless stopped first.
+    async def _deliver(
+        self, queue: RequestQueue[Upsert], known: Mapping[str, SyncMark], grow: Grow
+    ) -> Delivery:
+        """Every upsert accepted or refused for good (``complete``), unless stopped first.
 
-        A request the CRM refuses as a whole is split in halves until the contacts at fault
-        are alone (one bad address must not send a hundred good ones to the dead letters).
+        A request the CRM refuses as a whole (4xx) is split in halves until the contacts at
+        fault are alone (one bad address must not send a hundred good ones to the dead
+        letters). One it answers 5xx is retried with backoff; :class:`RequestQueue` splits it
+        when that repeats, and gives a lone contact up only while the CRM takes the others.
+        When every request waiting fails, ``grow`` lets the records read after the batch
+        join it: they can show the CRM up, and must not wait behind a contact it fails on.
         """
         crm = self._crm.name
-        by_email = {upsert.contact.email: upsert for upsert in upserts}
-        delivery = Delivery(accepted=[], rejected=[])
-        queue: deque[list[Upsert]] = deque(chunks(upserts, self._crm.max_batch_size))
+        delivery = Delivery(accepted=[], refused=[])
         record_attempts: Counter[str] = Counter()
         outage_attempt = 0
         while queue:
-            part = queue.popleft()
+            request = queue.pop()
+            part = request.items
             try:
                 result = await self._crm.upsert([upsert.contact for upsert in part])
             except CrmUnavailable as exc:
+                if exc.reason is RetryReason.SERVER_ERROR:
+                    outcome = queue.server_error(request)
+                else:
+                    queue.unavailable(request)
+                    outcome = Outcome.RETRY
+                if outcome is Outcome.GIVE_UP:
+                    log.warning(
+                        "the CRM keeps failing on one contact while it takes others; dead-lettered",
+                        extra={
+                            "crm": crm,
+                            "status": exc.status,
+                            "attempts": request.failures,
+                            "event_id": part[0].contact.event_id,
+                        },
+                    )
+                    detail = exc.detail or str(exc)
+                    status = exc.status or 0
+                    delivery.refused.append(Refusal(part[0], status, detail, SERVER_ERROR_REASON))
+                    continue
                 self._metrics.retries.labels(crm=crm, reason=exc.reason.value).inc()
                 self._metrics.crm_available.set(0)
                 wait_s = self._backoff.delay_s(
@@ -349,41 +463,45 @@ class CrmSink:
                 outage_attempt += 1
                 log.warning(
                     "CRM unavailable, backing off",
-                    extra={"crm": crm, "reason": exc.reason.value, "wait_s": round(wait_s, 3)},
+                    extra={
+                        "crm": crm,
+                        "reason": exc.reason.value,
+                        "wait_s": round(wait_s, 3),
+                        "contacts": len(part),
+                        "split": outcome is Outcome.SPLIT,
+                    },
                 )
-                queue.appendleft(part)
-                if not await self._wait(wait_s):
+                more = grow if queue.needs_other_work else None
+                if not await self._wait(wait_s, grow=more):
                     delivery.complete = False
                     return delivery
                 continue
             except CrmBatchRejected as exc:
                 self._metrics.batches.labels(crm=crm, outcome="rejected").inc()
-                if len(part) > 1:
-                    half = len(part) // 2
-                    queue.appendleft(part[half:])
-                    queue.appendleft(part[:half])
-                else:
-                    delivery.rejected.append((part[0], exc.status, exc.detail))
+                if not queue.refused(request):
+                    delivery.refused.append(Refusal(part[0], exc.status, exc.detail))
                 continue
+            queue.accepted(request)
             outage_attempt = 0
             self._metrics.crm_available.set(1)
             clean = not result.rejected and not result.retry
             self._metrics.batches.labels(crm=crm, outcome="accepted" if clean else "partial").inc()
+            by_email = {upsert.contact.email: upsert for upsert in part}
             accepted = [by_email[contact.email] for contact in result.accepted]
             self._metrics.contacts_upserted.labels(crm=crm).inc(len(accepted))
             # Marked as soon as the CRM answered, so a crash or a stop re-sends at most the
             # request in flight.
             self._save_marks([m for u in accepted for m in u.marks_if_accepted(known)])
             delivery.accepted += accepted
-            delivery.rejected += [
-                (by_email[r.contact.email], r.status, r.detail) for r in result.rejected
+            delivery.refused += [
+                Refusal(by_email[r.contact.email], r.status, r.detail) for r in result.rejected
             ]
             again: list[Upsert] = []
             for contact in result.retry:
                 record_attempts[contact.email] += 1
                 if record_attempts[contact.email] >= self._settings.record_max_attempts:
                     detail = "the CRM kept answering retryable; attempts exhausted"
-                    delivery.rejected.append((by_email[contact.email], 207, detail))
+                    delivery.refused.append(Refusal(by_email[contact.email], 207, detail))
                 else:
                     again.append(by_email[contact.email])
             if again:
@@ -391,7 +509,7 @@ class CrmSink:
                     crm=crm, reason=RetryReason.RECORD_RETRYABLE.value
                 ).inc(len(again))
                 attempt = max(record_attempts[u.contact.email] for u in again) - 1
-                queue.appendleft(again)
+                queue.add_first(again)
                 if not await self._wait(self._backoff.delay_s(attempt, draw=self._draw())):
                     delivery.complete = False
                     return delivery
@@ -482,8 +600,12 @@ class CrmSink:
         headers += [(k, v) for k, v in record.headers if k == "event-id"][:1]
         return headers
 
-    async def _wait(self, wait_s: float) -> bool:
+    async def _wait(self, wait_s: float, *, grow: Grow | None = None) -> bool:
         """Sleep ``wait_s`` while polling with every partition paused (to stay in the group).
+
+        With ``grow``, the partitions the batch may grow on (all assigned but the blocked
+        ones) are read on while it holds fewer than ``CRM_MAX_POLL_RECORDS`` records, and what
+        they give is handed to ``grow``; the wait ends early once that gives requests to send.
 
         False when the sink is stopping, or when a rebalance took every partition of the
         batch away (its new owner re-reads it from the last commit).
@@ -492,18 +614,34 @@ class CrmSink:
         deadline = loop.time() + wait_s
         while not self._stop.is_set():
             assigned = self._consumer.assignment()
-            if self._batch_partitions and not (self._batch_partitions & assigned):
+            batch = self._batch
+            if batch is not None and not (set(batch.next_offsets) & assigned):
                 log.warning("partitions revoked while the CRM was unavailable; batch left")
                 return False
             remaining_s = deadline - loop.time()
             if remaining_s <= 0:
                 return True
-            self._consumer.pause(*assigned)
+            room = 0
+            readable: set[TopicPartition] = set()
+            if grow is not None and batch is not None:
+                room = self._settings.max_poll_records - len(batch.records)
+                readable = assigned - batch.blocked if room > 0 else set()
+            self._consumer.pause(*(assigned - readable))
+            self._consumer.resume(*readable)
             self._paused = True
             timeout_ms = max(1, int(min(remaining_s, _POLL_TIMEOUT_MS / 1000) * 1000))
-            got = await self._consumer.getmany(timeout_ms=timeout_ms)
-            for tp, batch in got.items():  # a partition assigned since the last pause
-                self._consumer.seek(tp, batch[0].offset)
+            got = await self._consumer.getmany(
+                timeout_ms=timeout_ms, max_records=room if readable else None
+            )
+            self._consumer.pause(*self._consumer.assignment())
+            fresh: dict[TopicPartition, list[Record]] = {}
+            for tp, records in got.items():
+                if tp in readable:
+                    fresh[tp] = records
+                else:  # a partition assigned since the last pause
+                    self._consumer.seek(tp, records[0].offset)
+            if fresh and grow is not None and grow(fresh):
+                return True
         return False
 
     def _resume(self, next_offsets: dict[TopicPartition, int]) -> None:

@@ -98,7 +98,11 @@ class HttpClient:
                     extra={"crm": self._crm, "status": status},
                 )
             raise CrmUnavailable(
-                f"{self._crm} answered {status}", reason=reason, retry_after_s=retry_after_s
+                f"{self._crm} answered {status}",
+                reason=reason,
+                retry_after_s=retry_after_s,
+                status=status,
+                detail=truncate_detail(text),
             )
         raise CrmBatchRejected(
             f"{self._crm} refused the request with {status}",

@@ -29,18 +29,28 @@ class CrmError(WifiBridgeError):
 class CrmUnavailable(CrmError):
     """The CRM did not take the request now; the same request may be tried again later.
 
-    ``retry_after_s`` is the server's own advice (``Retry-After``) when it gave one.
+    ``retry_after_s`` is the server's own advice (``Retry-After``) when it gave one;
+    ``status`` and ``detail`` are its answer when it gave one (a 5xx answer's text is kept
+    with a contact the CRM keeps failing on alone).
     """
 
     code = "crm_unavailable"
     retryable = True
 
     def __init__(
-        self, message: str, *, reason: RetryReason, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        reason: RetryReason,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+        detail: str = "",
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.status = status
+        self.detail = detail
 
 
 class CrmBatchRejected(CrmError):

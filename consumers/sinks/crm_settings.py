@@ -53,8 +53,15 @@ CRM_OPTIONS: tuple[Option, ...] = (
     Option(
         "CRM_RECORD_MAX_ATTEMPTS",
         "8",
-        "attempts for a record the CRM answers retryable in a multi-status answer, "
-        "then it goes to the dead-letter topic (outages are retried without limit)",
+        "attempts for a record the CRM answers retryable in a multi-status answer, or 5xx "
+        "when sent alone while it accepts other requests; then it goes to the dead-letter "
+        "topic (outages are retried without limit)",
+    ),
+    Option(
+        "CRM_SPLIT_AFTER_SERVER_ERRORS",
+        "3",
+        "5xx answers in a row to a request of several contacts before it is split in halves, "
+        "so a contact the CRM fails on cannot hold back the others",
     ),
     Option("CRM_HUBSPOT_BASE_URL", "https://api.hubapi.com", "HubSpot API base URL"),
     Option("CRM_HUBSPOT_TOKEN", None, "HubSpot private app access token", secret=True),
@@ -90,6 +97,7 @@ class CrmSettings:
     retry_initial_ms: int = 500
     retry_max_s: int = 60
     record_max_attempts: int = 8
+    split_after_server_errors: int = 3
     hubspot_base_url: str = "https://api.hubapi.com"
     hubspot_token: str | None = None
     webhook_url: str | None = None
@@ -120,6 +128,9 @@ class CrmSettings:
             retry_initial_ms=config.integer(values, "CRM_RETRY_INITIAL_MS", minimum=1),
             retry_max_s=config.integer(values, "CRM_RETRY_MAX_S", minimum=1),
             record_max_attempts=config.integer(values, "CRM_RECORD_MAX_ATTEMPTS", minimum=1),
+            split_after_server_errors=config.integer(
+                values, "CRM_SPLIT_AFTER_SERVER_ERRORS", minimum=1
+            ),
             hubspot_base_url=config.text(values, "CRM_HUBSPOT_BASE_URL").rstrip("/"),
             hubspot_token=config.optional_text(values, "CRM_HUBSPOT_TOKEN"),
             webhook_url=config.optional_text(values, "CRM_WEBHOOK_URL"),

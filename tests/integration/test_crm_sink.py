@@ -575,3 +575,86 @@ async def test_a_locked_outbox_is_retried_and_every_contact_written_once(
     await committed(kafka_bootstrap, sink, crm_topics)
     assert _outbox(sink.settings.state_db) == {"rows": 8, "event_ids": 8, "emails": 8}
     assert await sink.metric("wifi_crm_contacts_upserted_total", crm="outbox") == 8
+
+
+async def test_a_contact_the_crm_answers_500_for_is_isolated_and_alone_dead_lettered(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    records = logins_of(10, prefix="choke")
+    poison = records[6]["user"]["email"]
+    fake = await hubspot_server(crash={poison})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records)
+    sink = await crm_sink.start(**hubspot_env(fake))
+
+    # Split until it is alone, the others synced meanwhile (which shows the CRM up), then
+    # dead-lettered after CRM_RECORD_MAX_ATTEMPTS (8) failures of its own.
+    await eventually(lambda: fake.synced == emails(records) - {poison}, what="the rest synced")
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=1, settle_s=1.0)
+    assert [orjson.loads(letter.value)["user"]["email"] for letter in dead] == [poison]
+    headers = dict(dead[0].headers)
+    assert headers["dlq-reason"] == b"crm_server_error"
+    assert headers["crm-status"] == b"500"
+    assert b"internal error, correlation 7c1e" in headers["dlq-detail"]
+    assert headers["event-id"] == records[6]["eventId"].encode()
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert set(fake.upserts.values()) == {1}
+    assert await sink.metric("wifi_crm_rejected_records_total", reason="crm_server_error") == 1
+    # a request of at most 10 is halved at most 4 times, 3 failures each, then 8 alone
+    assert fake.statuses[500] <= 4 * 3 + 8
+
+    # and the sink goes on with what comes next
+    later = logins_of(3, prefix="afterchoke")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, later)
+    await eventually(lambda: emails(later) <= fake.synced, what="later logins synced")
+
+
+async def test_a_lone_contact_the_crm_answers_500_for_does_not_hold_back_later_logins(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # Alone in its batch, the contact gives no sign whether the CRM is down or chokes on it:
+    # the logins read after it show the CRM up, and only then is it dead-lettered.
+    alone = canonical_login(email="alone@example.com")
+    fake = await hubspot_server(crash={"alone@example.com"})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [alone], partitions=1)
+    sink = await crm_sink.start(**hubspot_env(fake, CRM_RECORD_MAX_ATTEMPTS="3"))
+    await eventually(lambda: fake.statuses[500] >= 4, what="the contact retried alone")
+    assert await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=1) == []
+
+    later = logins_of(6, prefix="behindalone")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, later, partitions=1)
+    await eventually(lambda: fake.synced == emails(later), what="the later logins synced")
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=1, settle_s=1.0)
+    assert [orjson.loads(letter.value)["user"]["email"] for letter in dead] == [
+        alone["user"]["email"]
+    ]
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert set(fake.upserts.values()) == {1}
+
+
+async def test_a_crm_answering_500_to_every_request_dead_letters_nothing(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # Split at the first 500, a lone contact given up after two if the CRM looked up: the
+    # outage drives the request down to lone contacts that each failed twice, and still
+    # none may be dead-lettered, since the CRM accepted nothing meanwhile.
+    fake = await hubspot_server()
+    fake.outage(3600, status=500)
+    records = logins_of(4, prefix="down")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records, partitions=1)
+    sink = await crm_sink.start(
+        **hubspot_env(fake, CRM_SPLIT_AFTER_SERVER_ERRORS="1", CRM_RECORD_MAX_ATTEMPTS="2")
+    )
+    # 4 -> 2 + 2 -> four lone contacts: 3 failed requests, then 2 failures of each contact
+    await eventually(lambda: fake.statuses[500] >= 3 + 2 * 4, what="lone contacts failing")
+    group = sink.env["CRM_GROUP_ID"]
+    assert await uncommitted_records(kafka_bootstrap, group, [crm_topics.visits]) == 4
+    assert await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=1) == []
+
+    fake.outage(0)
+    await eventually(lambda: fake.synced == emails(records), what="all synced once back")
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert fake.batch_sizes == [1, 1, 1, 1]
+    assert set(fake.upserts.values()) == {1}
+    assert await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=2) == []
+    assert await sink.metric("wifi_crm_rejected_records_total") == 0
+    assert await sink.metric("wifi_crm_retries_total", reason="server_error") == fake.statuses[500]

@@ -30,6 +30,7 @@ def test_defaults_need_no_crm_and_run_anywhere() -> None:
     assert settings.batch_size == 100
     assert settings.metrics_port == 9103
     assert settings.dlq_max_bytes == 1_048_576
+    assert (settings.split_after_server_errors, settings.record_max_attempts) == (3, 8)
 
 
 def test_sink_crm_flag_wins_over_environment() -> None:
@@ -54,6 +55,7 @@ def test_sink_crm_flag_wins_over_environment() -> None:
         ({"CRM_RETRY_INITIAL_MS": "5000", "CRM_RETRY_MAX_S": "1"}, "CRM_RETRY_INITIAL_MS"),
         ({"CRM_LOG_LEVEL": "LOUD"}, "CRM_LOG_LEVEL"),
         ({"CRM_DLQ_MAX_BYTES": "4096"}, "CRM_DLQ_MAX_BYTES"),
+        ({"CRM_SPLIT_AFTER_SERVER_ERRORS": "0"}, "CRM_SPLIT_AFTER_SERVER_ERRORS"),
     ],
 )
 def test_bad_setting_error_names_the_setting(env: dict[str, str], named: str) -> None:
