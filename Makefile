@@ -23,11 +23,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint postgres-binaries tools
+test: lint postgres-binaries
 	$(BIN)/python -m pytest
 
 # helm and promcheck for the chart's tests (deploy/helm), built with Go and cached in
-# ~/.cache/wifi-bridge/tools: a few minutes the first time, nothing afterwards.
+# ~/.cache/wifi-bridge/tools: a few minutes the first time, nothing afterwards. The tests
+# build them on first use too; this target builds them ahead.
 tools: install
 	@if command -v go >/dev/null; then $(BIN)/python -m devtools; \
 	else echo "no Go toolchain: the Helm chart's tests will be skipped (CI=true fails them)"; fi

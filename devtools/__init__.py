@@ -8,11 +8,15 @@ with the Go toolchain from the Go module proxy: ``go install`` for helm (a few m
 time), ``go build`` for promcheck (seconds). They land in ``~/.cache/wifi-bridge/tools``
 (``WIFI_BRIDGE_TOOLS_DIR`` overrides), keyed by version, so later runs find them at once.
 
-``python -m devtools`` builds whatever is missing and prints where the tools are.
+``python -m devtools`` builds whatever is missing and prints where the tools are; the chart's
+tests call :func:`build` themselves when a tool is missing. Builds of one tool take turns (a
+lock file beside it), so a build started early in the background (``.ci/run`` does) and the
+tests asking for the tool meanwhile share the one build.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -89,11 +93,21 @@ def _run_go(arguments: list[str], *, cwd: Path, env: dict[str, str]) -> None:
 
 
 def build(name: str) -> Path:
-    """Build ``name`` unless it is cached; returns the binary."""
+    """Build ``name`` unless it is cached (waiting for a build in progress); returns the binary."""
     found = locate(name)
     if found is not None:
         return found
     target = _path(name)
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building it: wait for its result
+        found = locate(name)
+        if found is not None:
+            return found
+        return _build(name, target)
+
+
+def _build(name: str, target: Path) -> Path:
     partial = target.parent.with_name(target.parent.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

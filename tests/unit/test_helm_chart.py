@@ -35,6 +35,9 @@ from consumers.sinks.crm_metrics import CrmMetrics
 from consumers.sinks.crm_settings import CRM_OPTIONS
 from tests.fixtures.tools import tool
 
+# The first test may build helm (tests/fixtures/tools.py): minutes, once per machine.
+pytestmark = pytest.mark.timeout(1200)
+
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "wifi-bridge"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
 KUBERNETES_VERSION = "1.33.0"
