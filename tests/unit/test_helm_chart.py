@@ -123,10 +123,17 @@ def test_every_rendered_object_is_valid_for_the_kubernetes_api(variant: str) -> 
         ),
         ((*MINIMAL, "--set", "pipeline.replicas=13"), "pipeline.replicas (13) must not exceed"),
         ((*MINIMAL, "--set", "bridge.spool.maxBytes=100"), "bridge.spool.maxBytes must be"),
+        ((*MINIMAL, "--set", "bridge.spool.maxBytes=1048575"), "bridge.spool.maxBytes must be"),
         (
             (*MINIMAL, "--set", "bridge.secretEnv.BRIDGE_TOKEN.key=token"),
             "secretEnv.BRIDGE_TOKEN.secret is required",
         ),
+        # values.schema.json: types and choices, checked before any template runs
+        ((*MINIMAL, "--set", "pipeline.replicas=two"), "/pipeline/replicas"),
+        ((*MINIMAL, "--set", "kafka.securityProtocol=SASL"), "/kafka/securityProtocol"),
+        ((*MINIMAL, "--set", "bridge.ackTimeoutMs=20000"), "/bridge/ackTimeoutMs"),
+        ((*MINIMAL, "--set", "bridge.env.bridge_port=1"), "/bridge"),
+        ((*MINIMAL, "--set", "bridge.webhookPath=hooks"), "/bridge/webhookPath"),
     ],
 )
 def test_values_it_cannot_run_with_are_refused_naming_the_value(
