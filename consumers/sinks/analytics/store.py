@@ -25,8 +25,8 @@ login twice and therefore adds nothing twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -276,20 +276,26 @@ class AnalyticsStore:
         self.group_id = group_id
         self._migrated = False
 
+    @asynccontextmanager
+    async def _translated(self) -> AsyncIterator[None]:
+        """A transient database error becomes :class:`StoreUnavailable`; the connection goes."""
+        try:
+            yield
+        except self._sql.transient_errors as exc:
+            await self._sql.reset()
+            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+
     @property
     def kind(self) -> str:
         return self._sql.name
 
     async def open(self) -> None:
         """Connect and bring the schema to the newest version (idempotent, concurrency-safe)."""
-        try:
+        async with self._translated():
             await self._sql.connect()
             if not self._migrated:
                 await self._migrate()
                 self._migrated = True
-        except self._sql.transient_errors as exc:
-            await self._sql.reset()
-            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
 
     async def close(self) -> None:
         await self._sql.close()
@@ -303,35 +309,25 @@ class AnalyticsStore:
         """Take ownership of ``partitions``: bump each one's epoch, return where to resume."""
         await self.open()
         claims: list[Claim] = []
-        try:
-            async with self._sql.transaction():
-                for partition in sorted(partitions):
-                    rows = await self._sql.fetch(_CLAIM, self.group_id, topic, partition)
-                    epoch, next_offset = rows[0]
-                    claims.append(Claim(topic, partition, int(epoch), next_offset))
-        except self._sql.transient_errors as exc:
-            await self._sql.reset()
-            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+        async with self._translated(), self._sql.transaction():
+            for partition in sorted(partitions):
+                rows = await self._sql.fetch(_CLAIM, self.group_id, topic, partition)
+                epoch, next_offset = rows[0]
+                claims.append(Claim(topic, partition, int(epoch), next_offset))
         return claims
 
     async def positions(self, topics: Sequence[str]) -> dict[tuple[str, int], int | None]:
         """Where the group resumes on each stored partition of ``topics`` (None: the start)."""
         await self.open()
-        try:
+        async with self._translated():
             rows = await self._sql.fetch(_POSITIONS, self.group_id, list(topics))
-        except self._sql.transient_errors as exc:
-            await self._sql.reset()
-            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
         return {(str(topic), int(partition)): offset for topic, partition, offset in rows}
 
     async def epochs(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
         """The current epoch of each stored partition of ``topics``, for this group."""
         await self.open()
-        try:
+        async with self._translated():
             rows = await self._sql.fetch(_EPOCHS, self.group_id, list(topics))
-        except self._sql.transient_errors as exc:
-            await self._sql.reset()
-            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
         return {(str(topic), int(partition)): int(epoch) for topic, partition, epoch in rows}
 
     async def move(self, moves: Mapping[tuple[str, int], int | None]) -> None:
@@ -341,28 +337,20 @@ class AnalyticsStore:
         :class:`Fenced` on its next batch, claims it again and resumes from the new position.
         """
         await self.open()
-        try:
-            async with self._sql.transaction():
-                for (topic, partition), offset in sorted(moves.items()):
-                    await self._sql.execute(_MOVE, self.group_id, topic, partition, offset)
-        except self._sql.transient_errors as exc:
-            await self._sql.reset()
-            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+        async with self._translated(), self._sql.transaction():
+            for (topic, partition), offset in sorted(moves.items()):
+                await self._sql.execute(_MOVE, self.group_id, topic, partition, offset)
 
     async def write(self, logins: Sequence[Login], positions: Sequence[Position]) -> WriteResult:
         """Store one batch and its partitions' next offsets in one transaction."""
         await self.open()
         unique = dedupe(logins)
-        try:
-            async with self._sql.transaction():
-                await self._advance(positions)
-                inserted = await self._insert_logins(unique)
-                aggregates = await self._aggregate(inserted) if inserted else None
-                if aggregates is not None:
-                    await self._upsert(aggregates)
-        except self._sql.transient_errors as exc:
-            await self._sql.reset()
-            raise StoreUnavailable(f"{self._sql.name}: {_describe(exc)}") from exc
+        async with self._translated(), self._sql.transaction():
+            await self._advance(positions)
+            inserted = await self._insert_logins(unique)
+            aggregates = await self._aggregate(inserted) if inserted else None
+            if aggregates is not None:
+                await self._upsert(aggregates)
         return WriteResult(
             logins_inserted=len(inserted),
             duplicates=len(logins) - len(inserted),
