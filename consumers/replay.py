@@ -173,19 +173,10 @@ def _offsets(
 
 def _store(url: str, group: str) -> AnalyticsStore:
     """The analytics store at ``url`` (nothing opened yet); imported only for this command."""
-    from consumers.sinks.analytics.duckdb_store import DuckDBPort
-    from consumers.sinks.analytics.postgres import PostgresPort
-    from consumers.sinks.analytics.settings import parse_store_url
-    from consumers.sinks.analytics.store import AnalyticsStore, SqlPort
+    from consumers.sinks.analytics.ports import sql_port
+    from consumers.sinks.analytics.store import AnalyticsStore
 
-    store_url = parse_store_url(url)
-    sql: SqlPort
-    if store_url.kind == "postgresql":
-        sql = PostgresPort(store_url.url)
-    else:
-        assert store_url.path is not None
-        sql = DuckDBPort(store_url.path)
-    return AnalyticsStore(sql, group_id=group)
+    return AnalyticsStore(sql_port(url), group_id=group)
 
 
 async def _with_store(

@@ -24,6 +24,7 @@ from bridge import config
 from bridge.errors import ConfigError
 from bridge.settings import KAFKA_OPTIONS, KafkaSettings
 from consumers.counts import CountError, OutboxCount, TopicCount, count_outbox, count_topic
+from consumers.sinks.analytics.ports import sql_port
 from consumers.sinks.analytics.settings import parse_store_url
 from consumers.sinks.analytics.store import SqlPort
 
@@ -170,16 +171,9 @@ async def _reading(
 
 def _port(url: str) -> SqlPort:
     store = parse_store_url(url)
-    if store.kind == "postgresql":
-        from consumers.sinks.analytics.postgres import PostgresPort
-
-        return PostgresPort(store.url)
-    from consumers.sinks.analytics.duckdb_store import DuckDBPort
-
-    assert store.path is not None
-    if not store.path.exists():
+    if store.path is not None and not store.path.exists():
         raise FileNotFoundError(f"ANALYTICS_URL names {store.path}, which does not exist yet")
-    return DuckDBPort(store.path, read_only=True)
+    return sql_port(url, read_only=True)
 
 
 async def _read(port: SqlPort) -> Report:

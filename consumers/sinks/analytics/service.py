@@ -36,16 +36,14 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from bridge.kafka import TopicSpec, client_options, ensure_topics
-from consumers.sinks.analytics.duckdb_store import DuckDBPort
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
-from consumers.sinks.analytics.postgres import PostgresPort
+from consumers.sinks.analytics.ports import sql_port
 from consumers.sinks.analytics.rows import Login, RejectedRecord, parse_login
 from consumers.sinks.analytics.settings import AnalyticsSettings
 from consumers.sinks.analytics.store import (
     AnalyticsStore,
     Fenced,
     Position,
-    SqlPort,
     StoreUnavailable,
 )
 
@@ -62,13 +60,13 @@ _CLAIM_CHECK_S = 5.0
 
 def build_store(settings: AnalyticsSettings) -> AnalyticsStore:
     """The store ``ANALYTICS_URL`` names (nothing is opened yet)."""
-    sql: SqlPort
-    if settings.store.kind == "postgresql":
-        sql = PostgresPort(settings.store.url, statement_timeout_ms=settings.statement_timeout_ms)
-    else:
-        assert settings.store.path is not None
-        # Released after a second without batches, so readers (wifi-bridge report) get in.
-        sql = DuckDBPort(settings.store.path, idle_release_s=1.0)
+    sql = sql_port(
+        settings.store.url,
+        statement_timeout_ms=settings.statement_timeout_ms,
+        # A DuckDB file is released after a second without batches, so readers
+        # (wifi-bridge report, wifi-bridge replay) get in.
+        idle_release_s=1.0,
+    )
     return AnalyticsStore(sql, group_id=settings.group_id)
 
 

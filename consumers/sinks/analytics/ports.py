@@ -1,0 +1,36 @@
+"""The :class:`~consumers.sinks.analytics.store.SqlPort` an ``ANALYTICS_URL`` names.
+
+One place turns the URL into a connection of the right kind, for the sink, ``wifi-bridge
+replay`` and ``wifi-bridge report``; the database driver of the other kind is not imported.
+"""
+
+from __future__ import annotations
+
+from consumers.sinks.analytics.settings import parse_store_url
+from consumers.sinks.analytics.store import SqlPort
+
+__all__ = ["sql_port"]
+
+
+def sql_port(
+    url: str,
+    *,
+    read_only: bool = False,
+    statement_timeout_ms: int = 60_000,
+    idle_release_s: float | None = None,
+) -> SqlPort:
+    """The port of ``url`` (nothing opened yet).
+
+    ``statement_timeout_ms`` applies to PostgreSQL; ``read_only`` and ``idle_release_s`` to a
+    DuckDB file (see :class:`~consumers.sinks.analytics.duckdb_store.DuckDBPort`). A URL that
+    is not one the sink takes raises :class:`~bridge.errors.ConfigError` naming ANALYTICS_URL.
+    """
+    store = parse_store_url(url)
+    if store.kind == "postgresql":
+        from consumers.sinks.analytics.postgres import PostgresPort
+
+        return PostgresPort(store.url, statement_timeout_ms=statement_timeout_ms)
+    from consumers.sinks.analytics.duckdb_store import DuckDBPort
+
+    assert store.path is not None
+    return DuckDBPort(store.path, read_only=read_only, idle_release_s=idle_release_s)
