@@ -9,6 +9,7 @@ Kubernetes API schemas.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -360,6 +361,17 @@ def test_the_wheel_the_image_installs_holds_every_package_the_services_load(
 ) -> None:
     """deploy/Dockerfile installs the project's wheel: it must carry the code and the schema."""
     root = CHART.parents[2]
+    # What the Dockerfile copies into its build stage, built away from the checkout (setuptools
+    # leaves build/ and *.egg-info beside the sources it builds).
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for package in ("bridge", "consumers", "simulator"):
+        shutil.copytree(
+            root / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    wheels = tmp_path / "wheels"
     subprocess.run(  # the test's own command line
         [
             sys.executable,
@@ -369,13 +381,13 @@ def test_the_wheel_the_image_installs_holds_every_package_the_services_load(
             "--no-deps",
             "-q",
             "--wheel-dir",
-            str(tmp_path),
-            str(root),
+            str(wheels),
+            str(source),
         ],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("wifi_bridge-*.whl")
+    (wheel,) = wheels.glob("wifi_bridge-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
