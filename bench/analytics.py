@@ -4,8 +4,8 @@ For each store, the same logins (built from the sender's sample, canonical as th
 writes them, parsed once up front) are written in the sink's batch size:
 
 - ``sink``: :meth:`AnalyticsStore.write`, what ``wifi-bridge sink analytics`` runs per batch
-  (epoch check and offsets, idempotent insert of the logins, aggregates of what was inserted,
-  one transaction);
+  (epoch check and offsets, idempotent insert of the logins, one transaction; ``visits``
+  and ``venue_daily`` are views over ``logins``);
 - ``bare``: the same rows into a table defined like ``logins`` (same primary key) with the
   fastest plain bulk load: PostgreSQL's binary ``COPY``; for DuckDB an ``INSERT ... SELECT
   unnest(...)`` of column lists, its fastest load from Python objects without extra packages.
@@ -34,21 +34,32 @@ from consumers.pipeline.normalise import normalise
 from consumers.sinks.analytics.duckdb_store import DuckDBPort
 from consumers.sinks.analytics.postgres import PostgresPort
 from consumers.sinks.analytics.rows import LOGIN_COLUMNS, Login, parse_login
-from consumers.sinks.analytics.store import MIGRATIONS, AnalyticsStore, Position
+from consumers.sinks.analytics.store import LOGINS_DDL, AnalyticsStore, Position
 from devpostgres import create_database, drop_database, local_cluster
 
 TARGET_SINK_VS_BARE = 0.5
 ROOT = Path(__file__).resolve().parents[1]
-_LOGINS_DDL = MIGRATIONS[0][1][0]
 
 
-def make_logins(count: int, *, venues: int = 50, per_visit: int = 3) -> list[Login]:
-    """``count`` distinct logins: users of ``venues`` venues, visits of ``per_visit`` logins."""
+def make_logins(
+    count: int, *, venues: int = 50, per_visit: int = 3, spread: int = 2000
+) -> list[Login]:
+    """``count`` distinct logins: users of ``venues`` venues, visits of ``per_visit`` logins.
+
+    In arrival order, as at peak load: about ``spread`` other logins arrive between two of
+    one visit (a visit lasts minutes, a batch seconds), so most of a batch's logins continue a
+    visit that an earlier batch opened.
+    """
     sample = orjson.loads(
         (ROOT.parent / "shared" / "testdata" / "documented-sample.json").read_bytes()
     )
+    visits = max(1, count // per_visit)
+    # Visit u opens at time u and comes back every `gap`: per_visit logins arrive per unit of
+    # time, so about `spread` arrive between two of one visit.
+    gap = spread / per_visit
+    order = sorted(range(count), key=lambda n: n // per_visit + n % per_visit * gap)
     logins = []
-    for n in range(count):
+    for n in order:
         user = n // per_visit
         sample["user"]["id"] = 100_000 + user
         sample["user"]["venue"]["id"] = 1 + user % venues
@@ -56,7 +67,7 @@ def make_logins(count: int, *, venues: int = 50, per_visit: int = 3) -> list[Log
             f"02:00:{user >> 16 & 255:02x}:{user >> 8 & 255:02x}:{user & 255:02x}:01"
         )
         minute, second = divmod(n % per_visit * 7 + user % 50, 60)
-        day = 1 + user // 5000 % 28
+        day = 1 + user * 28 // visits
         sample["session"]["authenticationTime"] = (
             f"2026-11-{day:02d}T10:{minute:02d}:{second:02d}+0000"
         )
@@ -106,10 +117,10 @@ async def postgres_rounds(
 
             port = PostgresPort(url)
             await port.connect()
-            await port.execute(_LOGINS_DDL.replace("CREATE TABLE logins", "CREATE TABLE bare"))
+            await port.execute(LOGINS_DDL.replace("CREATE TABLE logins", "CREATE TABLE bare"))
 
             async def copy(rows: list[Any], port: PostgresPort = port) -> None:
-                await port.copy_rows("bare", LOGIN_COLUMNS, rows)
+                await port.insert_all("bare", LOGIN_COLUMNS, rows)
 
             bare.append(await timed_bulk(copy, logins, batch_size))
             await port.close()
@@ -130,10 +141,10 @@ async def duckdb_rounds(
 
         port = DuckDBPort(directory / f"bare-{n}.duckdb")
         await port.connect()
-        await port.execute(_LOGINS_DDL.replace("CREATE TABLE logins", "CREATE TABLE bare"))
+        await port.execute(LOGINS_DDL.replace("CREATE TABLE logins", "CREATE TABLE bare"))
 
         async def insert(rows: list[Any], port: DuckDBPort = port) -> None:
-            await port.bulk_insert("bare", LOGIN_COLUMNS, rows)
+            await port.insert_all("bare", LOGIN_COLUMNS, rows)
 
         bare.append(await timed_bulk(insert, logins, batch_size))
         await port.close()

@@ -311,7 +311,9 @@ async def wait_for(
 def many_logins(topics: Topics, users: int, per_user: int) -> list[Message]:
     """``users`` people, each with ``per_user`` logins in visits of three logins."""
     return [
-        login_message(topics.visits, 1000 + u, minute, f"visit-{u}-{minute // 3}")
+        login_message(
+            topics.visits, 1000 + u, minute, f"visit-{u}-{minute // 3}", is_new=minute % 3 == 0
+        )
         for u in range(users)
         for minute in range(per_user)
     ]

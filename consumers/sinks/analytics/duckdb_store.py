@@ -144,8 +144,10 @@ class DuckDBPort:
         data = [list(column) for column in zip(*rows, strict=True)]
         return await self._run(lambda: connection.execute(query, data).fetchall())
 
-    async def bulk_insert(self, table: str, columns: Sequence[str], rows: list[Any]) -> None:
-        """Bare bulk insert of ``rows`` (column lists unnested): the benchmark's yardstick."""
+    async def insert_all(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """One ``INSERT ... SELECT unnest($1), ...`` of the rows' column lists."""
         connection = await self._open()
         query = _insert_unnest(table, columns)
         data = [list(column) for column in zip(*rows, strict=True)]

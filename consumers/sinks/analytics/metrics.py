@@ -30,7 +30,7 @@ class AnalyticsMetrics:
         r = self.registry
         self.rows_written = Counter(
             "wifi_sink_analytics_rows_written",
-            "Rows inserted (logins) or upserted (visits, venue_daily), by table",
+            "Rows inserted, by table (logins: the one table the sink writes)",
             ["table"],
             registry=r,
         )

@@ -144,6 +144,8 @@ class PostgresPort:
             types = self._types[table] = {str(name): str(kind) for name, kind in rows}
         return types
 
-    async def copy_rows(self, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
-        """Bare ``COPY`` (binary) of ``rows`` into ``table``: the benchmark's yardstick."""
+    async def insert_all(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """Binary ``COPY`` of ``rows`` into ``table``."""
         await self._open().copy_records_to_table(table, records=rows, columns=list(columns))

@@ -364,8 +364,6 @@ class AnalyticsSink:
         self._metrics.write_latency.labels(store=self._store.kind).observe(elapsed_s)
         self._metrics.batches.labels(outcome="written").inc()
         self._metrics.rows_written.labels(table="logins").inc(result.logins_inserted)
-        self._metrics.rows_written.labels(table="visits").inc(result.visits_upserted)
-        self._metrics.rows_written.labels(table="venue_daily").inc(result.venue_days_upserted)
         self._metrics.duplicates.inc(result.duplicates)
         for position in batch.positions:
             self._next[TopicPartition(position.topic, position.partition)] = position.next_offset

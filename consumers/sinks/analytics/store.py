@@ -6,6 +6,12 @@ two share (``$n`` parameters, ``unnest`` of array parameters, ``ON CONFLICT``, `
 and each adapter loads a batch's rows its own fastest way (PostgreSQL: binary ``COPY`` for new
 logins, binary arrays through ``unnest`` otherwise; DuckDB: column lists).
 
+The sink writes one table, ``logins`` (one row per login, keyed by ``event_id``); ``visits``
+and ``venue_daily`` are views over it. So they are exact at every moment and there is nothing
+to keep in step: keeping them as tables costs a keyed write per login (at peak load nearly
+every login continues a visit an earlier batch opened) and, for an exact unique-visitor
+count, a row per visitor, venue and day; together more than the logins themselves.
+
 One batch is one database transaction:
 
 1. advance ``sink_offsets`` for every partition in the batch, *only where the epoch still
@@ -13,13 +19,10 @@ One batch is one database transaction:
    and the transaction rolls back: a zombie after a rebalance writes nothing);
 2. insert the logins whose ``event_id`` is not stored yet, learning which those were
    (:meth:`SqlPort.insert_new`: ``ON CONFLICT DO NOTHING RETURNING``, or on PostgreSQL a
-   plain ``COPY`` when no login of the batch is stored);
-3. insert the batch's (venue, day, visitor) triples, learning which are new, then aggregate
-   only the logins that step 2 actually inserted (:func:`.rows.aggregate`) and upsert
-   ``visits`` and ``venue_daily`` by adding the deltas.
+   plain ``COPY`` when no login of the batch is stored).
 
 So the offsets and the rows commit together, and a replay (or a retried batch) inserts no
-login twice and therefore adds nothing twice.
+login twice and therefore counts nothing twice.
 """
 
 from __future__ import annotations
@@ -31,20 +34,12 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from bridge.errors import WifiBridgeError
-from consumers.sinks.analytics.rows import (
-    LOGIN_COLUMNS,
-    VISIT_COLUMNS,
-    Aggregates,
-    Login,
-    aggregate,
-    dedupe,
-    unflagged_visits,
-    visitor_days,
-)
+from consumers.sinks.analytics.rows import LOGIN_COLUMNS, Login, dedupe
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LOGINS_DDL",
     "MIGRATIONS",
     "AnalyticsStore",
     "Claim",
@@ -104,8 +99,6 @@ class Position:
 class WriteResult:
     logins_inserted: int
     duplicates: int
-    visits_upserted: int
-    venue_days_upserted: int
 
 
 class SqlPort(Protocol):
@@ -142,36 +135,59 @@ class SqlPort(Protocol):
         Returns the keys it inserted: a row whose key is there already is left alone.
         """
 
-    async def insert_rows(
-        self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], tail: str
-    ) -> list[tuple[Any, ...]]:
-        """``INSERT INTO table (columns) <rows> tail``, in bulk; returns what ``tail`` returns.
 
-        ``tail`` is the statement's ``ON CONFLICT ... [RETURNING ...]`` clause; inside it the
-        target table is referred to by its name. Each adapter loads the rows its fastest way.
-        """
+#: A migration step: SQL both databases run, or SQL by database (``SqlPort.name``); a
+#: database not named skips the step.
+Statement = str | Mapping[str, str]
 
+# The first login (by time, then event id) gives a visit's user, device and venue.
+_VISITS_VIEW: Final = """CREATE VIEW visits AS
+    SELECT visit_id,
+        (array_agg(user_id ORDER BY authentication_time, event_id))[1] AS user_id,
+        (array_agg(client_mac ORDER BY authentication_time, event_id))[1] AS client_mac,
+        (array_agg(venue_id ORDER BY authentication_time, event_id))[1] AS venue_id,
+        min(authentication_time) AS first_login_at,
+        max(authentication_time) AS last_login_at,
+        count(*) AS logins
+    FROM logins
+    WHERE visit_id IS NOT NULL
+    GROUP BY visit_id"""
+
+# Days are UTC days whatever the reading session's time zone: timezone('UTC', ...) is the UTC
+# wall clock in both databases. A visitor is the user id, else the device; a new visit is the
+# login the pipeline marked as opening one (visit.isNew).
+_UTC_DAY: Final = "CAST(timezone('UTC', authentication_time) AS date)"
+_VENUE_DAILY_VIEW: Final = f"""CREATE VIEW venue_daily AS
+    SELECT venue_id, {_UTC_DAY} AS day,
+        count(*) AS logins,
+        count(DISTINCT coalesce(user_id, 'mac:' || client_mac)) AS unique_visitors,
+        count(*) FILTER (WHERE visit_is_new) AS new_visits
+    FROM logins
+    WHERE venue_id IS NOT NULL
+    GROUP BY venue_id, {_UTC_DAY}"""  # noqa: S608 (constants only)
 
 # Column types both databases know by these names.
-MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
+LOGINS_DDL: Final = """CREATE TABLE logins (
+        event_id text PRIMARY KEY,
+        user_id text,
+        client_mac text,
+        company_id text,
+        venue_id text,
+        venue_name text,
+        provider text,
+        authentication_time timestamptz NOT NULL,
+        received_at timestamptz,
+        visit_id text,
+        visit_is_new boolean,
+        late boolean NOT NULL,
+        written_at timestamptz NOT NULL DEFAULT current_timestamp
+    )"""
+
+MIGRATIONS: Final[tuple[tuple[int, tuple[Statement, ...]], ...]] = (
     (
         1,
         (
-            """CREATE TABLE logins (
-                event_id text PRIMARY KEY,
-                user_id text,
-                client_mac text,
-                company_id text,
-                venue_id text,
-                venue_name text,
-                provider text,
-                authentication_time timestamptz NOT NULL,
-                received_at timestamptz,
-                visit_id text,
-                visit_is_new boolean,
-                late boolean NOT NULL,
-                written_at timestamptz NOT NULL DEFAULT current_timestamp
-            )""",
+            LOGINS_DDL,
             """CREATE TABLE visits (
                 visit_id text PRIMARY KEY,
                 user_id text,
@@ -208,24 +224,25 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             )""",
         ),
     ),
+    (
+        # visits and venue_daily become views over logins (what they held is derived from it).
+        2,
+        (
+            "DROP TABLE venue_daily_visitors",
+            "DROP TABLE venue_daily",
+            "DROP TABLE visits",
+            _VISITS_VIEW,
+            _VENUE_DAILY_VIEW,
+            # Logins arrive in about time order: a block-range index costs next to nothing to
+            # keep and lets a query for some days (of venue_daily too) read only their blocks.
+            {
+                "postgresql": f"CREATE INDEX logins_utc_day ON logins USING brin (({_UTC_DAY})) "
+                "WITH (autosummarize = on)"
+            },
+        ),
+    ),
 )
 
-_VISITOR_DAYS_TAIL: Final = (
-    "ON CONFLICT (venue_id, day, visitor) DO NOTHING RETURNING venue_id, day"
-)
-_VISITS_TAIL: Final = (
-    "ON CONFLICT (visit_id) DO UPDATE SET "
-    "first_login_at = least(visits.first_login_at, excluded.first_login_at), "
-    "last_login_at = greatest(visits.last_login_at, excluded.last_login_at), "
-    "logins = visits.logins + excluded.logins"
-)
-_VENUE_DAYS_TAIL: Final = (
-    "ON CONFLICT (venue_id, day) DO UPDATE SET "
-    "logins = venue_daily.logins + excluded.logins, "
-    "unique_visitors = venue_daily.unique_visitors + excluded.unique_visitors, "
-    "new_visits = venue_daily.new_visits + excluded.new_visits"
-)
-_KNOWN_VISITS: Final = "SELECT visit_id FROM visits WHERE visit_id IN (SELECT unnest($1::text[]))"
 _ADVANCE_OFFSETS: Final = (
     "UPDATE sink_offsets SET next_offset = v.next_offset FROM ("
     "SELECT unnest($1::text[]) AS topic, unnest($2::integer[]) AS part, "
@@ -347,16 +364,12 @@ class AnalyticsStore:
         unique = dedupe(logins)
         async with self._translated(), self._sql.transaction():
             await self._advance(positions)
-            inserted = await self._insert_logins(unique)
-            aggregates = await self._aggregate(inserted) if inserted else None
-            if aggregates is not None:
-                await self._upsert(aggregates)
-        return WriteResult(
-            logins_inserted=len(inserted),
-            duplicates=len(logins) - len(inserted),
-            visits_upserted=len(aggregates.visits) if aggregates else 0,
-            venue_days_upserted=len(aggregates.venue_days) if aggregates else 0,
-        )
+            inserted = (
+                await self._sql.insert_new("logins", LOGIN_COLUMNS, [u.row() for u in unique])
+                if unique
+                else []
+            )
+        return WriteResult(logins_inserted=len(inserted), duplicates=len(logins) - len(inserted))
 
     async def _migrate(self) -> None:
         async with self._sql.transaction():
@@ -371,7 +384,9 @@ class AnalyticsStore:
                 if version <= current:
                     continue
                 for statement in statements:
-                    await self._sql.execute(statement)
+                    sql = statement if isinstance(statement, str) else statement.get(self._sql.name)
+                    if sql is not None:
+                        await self._sql.execute(sql)
                 await self._sql.execute(
                     "INSERT INTO schema_version (version, applied_at) "
                     "VALUES ($1, current_timestamp)",
@@ -394,42 +409,6 @@ class AnalyticsStore:
         lost = [(p.topic, p.partition) for p in positions if (p.topic, p.partition) not in advanced]
         if lost:
             raise Fenced(lost)
-
-    async def _insert_logins(self, logins: Sequence[Login]) -> list[Login]:
-        if not logins:
-            return []
-        rows = [login.row() for login in logins]
-        new_ids = await self._sql.insert_new("logins", LOGIN_COLUMNS, rows)
-        if len(new_ids) == len(logins):
-            return list(logins)
-        inserted = set(new_ids)
-        return [login for login in logins if login.event_id in inserted]
-
-    async def _aggregate(self, inserted: Sequence[Login]) -> Aggregates:
-        days = visitor_days(inserted)
-        new_visitor_days: list[tuple[str, Any]] = []
-        if days:
-            returned = await self._sql.insert_rows(
-                "venue_daily_visitors", ("venue_id", "day", "visitor"), days, _VISITOR_DAYS_TAIL
-            )
-            new_visitor_days = [(str(venue), day) for venue, day in returned]
-        unflagged = unflagged_visits(inserted)
-        known: set[str] = set()
-        if unflagged:
-            known = {row[0] for row in await self._sql.fetch(_KNOWN_VISITS, unflagged)}
-        return aggregate(inserted, known_visits=known, new_visitor_days=new_visitor_days)
-
-    async def _upsert(self, aggregates: Aggregates) -> None:
-        # The deltas are tuples in their tables' column order: they are the rows.
-        if aggregates.visits:
-            await self._sql.insert_rows("visits", VISIT_COLUMNS, aggregates.visits, _VISITS_TAIL)
-        if aggregates.venue_days:
-            await self._sql.insert_rows(
-                "venue_daily", _VENUE_DAY_COLUMNS, aggregates.venue_days, _VENUE_DAYS_TAIL
-            )
-
-
-_VENUE_DAY_COLUMNS: Final = ("venue_id", "day", "logins", "unique_visitors", "new_visits")
 
 
 def _describe(exc: BaseException) -> str:
