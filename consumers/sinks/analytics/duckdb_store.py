@@ -147,11 +147,8 @@ class DuckDBPort:
     async def insert_all(
         self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
     ) -> None:
-        """One ``INSERT ... SELECT unnest($1), ...`` of the rows' column lists."""
-        connection = await self._open()
-        query = _insert_unnest(table, columns)
-        data = [list(column) for column in zip(*rows, strict=True)]
-        await self._run(lambda: connection.execute(query, data))
+        """:meth:`insert_rows` with no conflict clause: a key already there fails them all."""
+        await self.insert_rows(table, columns, rows, "")
 
 
 def _insert_unnest(table: str, columns: Sequence[str]) -> str:

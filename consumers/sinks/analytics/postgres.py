@@ -111,7 +111,7 @@ class PostgresPort:
         connection = self._open()
         try:
             async with connection.transaction():  # a savepoint inside the batch's transaction
-                await connection.copy_records_to_table(table, records=rows, columns=list(columns))
+                await self.insert_all(table, columns, rows)
             return [row[0] for row in rows]
         except asyncpg.UniqueViolationError:
             pass
