@@ -163,7 +163,7 @@ async def _reading(
         except port.transient_errors:
             if attempt == attempts - 1:
                 raise
-            await asyncio.sleep(retry_s)  # the sink holds the DuckDB file for a batch
+            await asyncio.sleep(retry_s)  # the sink hands the DuckDB file over at its next batch
         finally:
             await port.close()
     raise AssertionError("unreachable")

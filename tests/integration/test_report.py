@@ -242,3 +242,50 @@ async def test_an_idle_duckdb_writer_lets_readers_in(tmp_path: Path) -> None:
         await writer.execute("INSERT INTO t VALUES (2)")
     assert await writer.fetch("SELECT count(*) FROM t") == [(2,)]
     await writer.close()
+
+
+async def test_a_busy_duckdb_writer_hands_the_file_to_a_waiting_reader(tmp_path: Path) -> None:
+    # A batch every 20 ms never leaves the writer idle for its 1 s: without the hand-over, the
+    # reader's ten seconds of retries would all find the file locked.
+    path = tmp_path / "a.duckdb"
+    writer = DuckDBPort(path, idle_release_s=1.0)
+    await writer.connect()
+    await writer.execute("CREATE TABLE t (n INTEGER)")
+    written = 0
+
+    async def write_steadily() -> None:
+        nonlocal written
+        while True:
+            async with writer.transaction():
+                await writer.execute("INSERT INTO t VALUES ($1)", written)
+            written += 1
+            await asyncio.sleep(0.02)
+
+    writing = asyncio.create_task(write_steadily())
+    await asyncio.sleep(0.3)
+    read = (
+        "import asyncio, sys\n"
+        "from consumers.report import fetch\n"
+        "print(asyncio.run(fetch(sys.argv[1], 'SELECT count(*) FROM t'))[0][0])\n"
+    )
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        read,
+        f"duckdb:///{path}",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(reader.communicate(), timeout=60)
+    written_when_read = written
+    await asyncio.sleep(0.5)
+    writing.cancel()
+    await asyncio.gather(writing, return_exceptions=True)
+
+    assert reader.returncode == 0, err.decode()
+    assert 0 < int(out) <= written_when_read  # the reader saw committed batches
+    assert writer.hand_overs >= 1
+    assert written > written_when_read  # and the writer took the file back and went on
+    assert await writer.fetch("SELECT count(*) FROM t") == [(written,)]
+    await writer.close()

@@ -9,6 +9,7 @@ PostgreSQL to run several instances).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,20 @@ from typing import Any, TypeVar
 
 import duckdb
 
-__all__ = ["DuckDBPort"]
+__all__ = ["HAND_OVER_S", "DuckDBPort", "waiting_mark"]
 
 T = TypeVar("T")
+
+HAND_OVER_S = 0.5
+"""How long a busy writer leaves the file closed for a process waiting on it: longer than
+the readers' retry interval (0.2 s), so one of their attempts falls inside it."""
+_REOPEN_ATTEMPTS = 100
+_REOPEN_RETRY_S = 0.1
+
+
+def waiting_mark(path: Path | str) -> Path:
+    """The file whose modification time says another process waits for ``path``."""
+    return Path(f"{path}.waiting")
 
 
 class DuckDBPort:
@@ -34,6 +46,13 @@ class DuckDBPort:
     call used it for that long, and open it again on the next call. DuckDB locks the file
     for as long as a writer keeps it open; releasing it when idle lets ``wifi-bridge report``
     and other readers in between batches.
+
+    A writer with ``idle_release_s`` also hands the file over while busy. A port that finds
+    the file locked touches ``<file>.waiting`` beside it; at its next call outside a
+    transaction, the writer sees the newer mark, closes the file for
+    :data:`HAND_OVER_S` and opens it again once the other process lets go. A reader that
+    retries (``wifi-bridge report``, ``wifi-bridge replay``) therefore gets in within one
+    batch, however steady the stream.
     """
 
     name = "duckdb"
@@ -52,6 +71,10 @@ class DuckDBPort:
         self._busy = 0
         self._last_used_s = 0.0
         self._releaser: asyncio.Task[None] | None = None
+        # Marks older than this port were left by readers that have gone since.
+        self._handed_over_at = time.time()
+        self.hand_overs = 0
+        """How often this writer closed the file for a waiting process."""
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -64,7 +87,11 @@ class DuckDBPort:
         def open_file() -> duckdb.DuckDBPyConnection:
             if self._path != ":memory:" and not self._read_only:
                 Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            connection = duckdb.connect(self._path, read_only=self._read_only)
+            try:
+                connection = duckdb.connect(self._path, read_only=self._read_only)
+            except duckdb.IOException:
+                self._ask_for_the_file()
+                raise
             connection.execute("SET TimeZone = 'UTC'")
             return connection
 
@@ -92,7 +119,40 @@ class DuckDBPort:
             if idle and not self._busy and self._connection is not None:
                 await self.reset()
 
+    def _ask_for_the_file(self) -> None:
+        """Tell the process that holds the file that this one waits for it."""
+        if self._path == ":memory:":
+            return
+        with contextlib.suppress(OSError):  # a read-only directory: wait for an idle release
+            waiting_mark(self._path).touch()
+
+    def _someone_waits(self) -> bool:
+        if self._idle_release_s is None or self._path == ":memory:":
+            return False
+        try:
+            return waiting_mark(self._path).stat().st_mtime > self._handed_over_at
+        except OSError:
+            return False
+
+    async def _hand_over(self) -> None:
+        """Close the file for a waiting process, then take it back once it lets go."""
+        self._handed_over_at = time.time()
+        self.hand_overs += 1
+        await self.reset()
+        await asyncio.sleep(HAND_OVER_S)
+        for attempt in range(_REOPEN_ATTEMPTS):
+            try:
+                await self.connect()
+                return
+            except duckdb.IOException:
+                if attempt == _REOPEN_ATTEMPTS - 1:
+                    raise
+                self._handed_over_at = time.time()  # our own mark is no request to us
+                await asyncio.sleep(_REOPEN_RETRY_S)
+
     async def _open(self) -> duckdb.DuckDBPyConnection:
+        if not self._busy and self._connection is not None and self._someone_waits():
+            await self._hand_over()
         await self.connect()  # again, after an idle release
         assert self._connection is not None
         return self._connection
