@@ -65,6 +65,9 @@ class DurablePublisher:
         self._drain_timeout_s = drain_timeout_s
         self._kafka: Publisher | None = None
         self._backlog = False
+        # Whether this outage's "spooling" warning was logged: the requests in flight when
+        # Kafka goes away all fail at once, and one line says what each of them would.
+        self._spooling_logged = False
         self._spool_failing = False
         self._failures = 0
         self._wakeup = asyncio.Event()
@@ -121,8 +124,10 @@ class DurablePublisher:
                 self._note_failure(kafka, exc)
             else:
                 self._failures = 0
+                self._spooling_logged = False
                 return
-        if not self._backlog:
+        if not self._backlog and not self._spooling_logged:
+            self._spooling_logged = True
             log.warning("spooling records until Kafka takes them again", extra={"reason": reason})
         record = SpoolRecord(
             topic=topic,
@@ -223,6 +228,7 @@ class DurablePublisher:
             entries = await self._spool.read_batch(self._drain_batch_records)
             if not entries:
                 self._backlog = False  # caught up: new records may go straight to Kafka
+                self._spooling_logged = False
                 continue
             if await self._drain(kafka, entries):
                 attempt = 0

@@ -135,6 +135,33 @@ async def test_records_left_in_the_spool_at_start_are_drained_before_new_ones(
         await second.stop()
 
 
+async def test_an_outage_logs_one_spooling_warning_however_many_requests_it_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = ScriptedProducer(fails=True, broker_answers=False)
+    publisher, _ = durable(tmp_path, [down])
+    await publisher.start()
+
+    def warnings() -> int:
+        return sum(1 for r in caplog.records if r.getMessage().startswith("spooling records"))
+
+    try:
+        await settle(lambda: publisher.connected)
+        with caplog.at_level("WARNING", logger="bridge.durable"):
+            # requests in flight together when Kafka goes: each fails before any is spooled
+            await asyncio.gather(*(publish(publisher, n) for n in range(20)))
+            assert warnings() == 1
+            down.fails, down.broker_answers = False, True
+            await settle(lambda: len(down.published) == 20, timeout_s=20)
+            await settle(lambda: not publisher._backlog)  # the drainer caught up
+            await publish(publisher, 20)  # straight to Kafka once the spool drained
+            down.fails = True  # the next outage says so again
+            await publish(publisher, 21)
+            assert warnings() == 2
+    finally:
+        await publisher.stop()
+
+
 def test_drain_batch_must_be_positive(tmp_path: Path) -> None:
     spool = Spool(directory=tmp_path / "s", fsync=False)
 
