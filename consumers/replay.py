@@ -59,7 +59,6 @@ _DURATION = re.compile(r"(\d+)\s*([smhd])")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 # The store may be held by the analytics sink for a batch (DuckDB: one process at a time).
 _STORE_ATTEMPTS = 150
-_STORE_RETRY_S = 0.2
 
 T = TypeVar("T")
 
@@ -183,6 +182,7 @@ async def _with_store(
     url: str, group: str, action: str, work: Callable[[AnalyticsStore], Awaitable[T]]
 ) -> T:
     """Run ``work`` on the analytics store, retrying while the sink holds the file."""
+    from consumers.sinks.analytics.ports import STORE_RETRY_S
     from consumers.sinks.analytics.store import StoreUnavailable
 
     for attempt in range(_STORE_ATTEMPTS):
@@ -195,7 +195,7 @@ async def _with_store(
                     f"cannot {action} the analytics store ({exc.message}); with DuckDB, the "
                     "sink holds the file while it writes: try again when it is idle, or stop it"
                 ) from exc
-            await asyncio.sleep(_STORE_RETRY_S)
+            await asyncio.sleep(STORE_RETRY_S)
         finally:
             await store.close()
     raise AssertionError("unreachable")

@@ -24,7 +24,7 @@ from bridge import config
 from bridge.errors import ConfigError
 from bridge.settings import KAFKA_OPTIONS, KafkaSettings
 from consumers.counts import CountError, OutboxCount, TopicCount, count_outbox, count_topic
-from consumers.sinks.analytics.ports import sql_port
+from consumers.sinks.analytics.ports import STORE_RETRY_S, sql_port
 from consumers.sinks.analytics.settings import parse_store_url
 from consumers.sinks.analytics.store import SqlPort
 
@@ -153,7 +153,7 @@ async def _reading(
     read: Callable[[SqlPort], Awaitable[T]],
     *,
     attempts: int = 50,
-    retry_s: float = 0.2,
+    retry_s: float = STORE_RETRY_S,
 ) -> T:
     for attempt in range(attempts):
         port = _port(url)

@@ -19,13 +19,15 @@ from typing import Any, TypeVar
 
 import duckdb
 
+from consumers.sinks.analytics.ports import STORE_RETRY_S
+
 __all__ = ["HAND_OVER_S", "DuckDBPort", "waiting_mark"]
 
 T = TypeVar("T")
 
-HAND_OVER_S = 0.5
-"""How long a busy writer leaves the file closed for a process waiting on it: longer than
-the readers' retry interval (0.2 s), so one of their attempts falls inside it."""
+HAND_OVER_S = 2.5 * STORE_RETRY_S
+"""How long a busy writer leaves the file closed for a process waiting on it (0.5 s): longer
+than the readers' retry interval, so one of their attempts falls inside it."""
 _REOPEN_ATTEMPTS = 100
 _REOPEN_RETRY_S = 0.1
 

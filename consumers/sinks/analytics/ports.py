@@ -9,7 +9,12 @@ from __future__ import annotations
 from consumers.sinks.analytics.settings import parse_store_url
 from consumers.sinks.analytics.store import SqlPort
 
-__all__ = ["sql_port"]
+__all__ = ["STORE_RETRY_S", "sql_port"]
+
+STORE_RETRY_S = 0.2
+"""How often ``wifi-bridge report`` and ``wifi-bridge replay`` try a busy store again. A
+DuckDB writer that hands its file over leaves it closed for longer than this, so one of
+their attempts falls inside the gap."""
 
 
 def sql_port(
