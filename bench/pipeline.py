@@ -12,7 +12,9 @@ output topic, in turn, rounds alternating:
   transactions;
 - ``passthrough-aiokafka``: the plain loop as most people write it with aiokafka (``getmany``
   and ``send``);
-- ``pipeline``: the shipped service (state, changelog, transactions, read_committed).
+- ``pipeline``: the shipped service (state, changelog, transactions, read_committed);
+- ``logic-only``: the pipeline's stages (normalise, dedup, reorder, visits, changelog entries)
+  on the same records in this process, without Kafka: what the stages cost by themselves.
 
 Each contender's clock starts when its partitions are assigned (group-join delays are the
 broker's, not the contender's) and stops when the last output is written (committed, for the
@@ -30,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import cast
 
 import confluent_kafka
 import orjson
@@ -41,7 +44,7 @@ from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
 from consumers.pipeline.metrics import PipelineMetrics
 from consumers.pipeline.normalise import normalise
-from consumers.pipeline.partition import WindowConfig
+from consumers.pipeline.partition import PartitionPipeline, RawRecord, WindowConfig
 from consumers.pipeline.service import PipelineService
 from consumers.pipeline.settings import PipelineSettings
 
@@ -49,16 +52,13 @@ TARGET_PIPELINE_VS_PLAIN = 0.5
 PARTITIONS = 6
 
 
-def make_input(bootstrap: str, topic: str, *, records: int, seed: int = 1) -> int:
-    """Fill ``topic``; returns the number of distinct logins (the pipeline's expected output)."""
+def make_records(*, records: int, seed: int = 1) -> list[RawRecord]:
+    """Realistic raw records, as the bridge writes them (body, key, headers, timestamp)."""
     rng = random.Random(seed)
     sample = orjson.loads(SAMPLE_PATH.read_bytes())
-    producer = confluent_kafka.Producer(
-        {"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 20}
-    )
     start_ms = int(time.time() * 1000) - 2 * 3_600_000  # two hours ago: all due by the end
     sent: list[bytes] = []
-    distinct: set[str] = set()
+    raw: list[RawRecord] = []
     for n in range(records):
         if sent and rng.random() < 0.05:
             body = rng.choice(sent[-5000:])  # a redelivery
@@ -73,21 +73,47 @@ def make_input(bootstrap: str, topic: str, *, records: int, seed: int = 1) -> in
             body = orjson.dumps(sample)
             sent.append(body)
         identity = identify(orjson.loads(body))
-        distinct.add(identity.event_id)
-        headers: list[tuple[str, str | bytes | None]] = [
+        received_ms = start_ms + n * 20
+        headers = [
             ("event-id", identity.event_id.encode()),
-            ("received-at", str(start_ms + n * 20).encode()),
+            ("received-at", str(received_ms).encode()),
             ("content-type", b"application/json"),
         ]
+        raw.append(RawRecord(identity.key, body, headers, received_ms))
+    return raw
+
+
+def make_input(bootstrap: str, topic: str, records: list[RawRecord]) -> int:
+    """Fill ``topic``; returns the number of distinct logins (the pipeline's expected output)."""
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 20}
+    )
+    distinct: set[bytes] = set()
+    for record in records:
+        distinct.add(record.headers[0][1])
+        headers = cast(list[tuple[str, str | bytes | None]], record.headers)
         while True:
             try:
-                producer.produce(topic, body, identity.key, headers=headers)
+                producer.produce(topic, record.value, record.key, headers=headers)
                 break
             except BufferError:
                 producer.poll(0.05)
         producer.poll(0)
     producer.flush(60)
     return len(distinct)
+
+
+def _logic_only(records: list[RawRecord]) -> float:
+    """The pipeline's own stages without Kafka: accept every record, take the changes as a
+    commit would (every 500 records); one :class:`PartitionPipeline` per input partition."""
+    pipelines = [PartitionPipeline(WindowConfig()) for _ in range(PARTITIONS)]
+    started = time.perf_counter()
+    for n, record in enumerate(records, 1):
+        pipelines[hash(record.key) % PARTITIONS].accept(record)
+        if n % 500 == 0:
+            for pipeline in pipelines:
+                pipeline.take_changes()
+    return time.perf_counter() - started
 
 
 def _plain(bootstrap: str, source: str, target: str, total: int, *, transform: bool) -> float:
@@ -212,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = KafkaSettings(bootstrap_servers=bootstrap, topic_partitions=PARTITIONS)
         asyncio.run(ensure_topics(settings, [TopicSpec(source)]))
         print(f"filling {source} with {args.records} raw records ...", flush=True)
-        expected = make_input(bootstrap, source, records=args.records)
+        records = make_records(records=args.records)
+        expected = make_input(bootstrap, source, records)
         print(f"{expected} distinct logins, {args.records - expected} redeliveries", flush=True)
 
         contenders: dict[str, Callable[[str], float]] = {
@@ -226,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
                 _plain_aiokafka(bootstrap, source, target, args.records)
             ),
             "pipeline": lambda target: _pipeline(bootstrap, source, target, expected),
+            "logic-only": lambda _target: _logic_only(records),
         }
         rates: dict[str, list[float]] = {name: [] for name in contenders}
         for round_no in range(1, args.rounds + 1):
             for name, run in contenders.items():
                 target = f"bench.pipeline.{name}.{uuid.uuid4().hex[:6]}"
-                asyncio.run(ensure_topics(settings, [TopicSpec(target)]))
+                if name != "logic-only":
+                    asyncio.run(ensure_topics(settings, [TopicSpec(target)]))
                 seconds = run(target)
                 rate = args.records / seconds
                 rates[name].append(rate)
@@ -259,5 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "pipeline / plain loop on aiokafka: "
         f"{median['pipeline'] / median['passthrough-aiokafka']:.2f}"
+    )
+    # What the target leaves per record, beside what the stages alone cost in this process.
+    plain_us = 1e6 / median["passthrough"]
+    logic_us = 1e6 / median["logic-only"]
+    budget_us = plain_us / TARGET_PIPELINE_VS_PLAIN - plain_us
+    print(
+        f"per record: plain loop {plain_us:.1f} us, pipeline {1e6 / median['pipeline']:.1f} us; "
+        f"the target leaves {budget_us:.1f} us for all pipeline work on top of the loop, "
+        f"its stages alone (no Kafka) take {logic_us:.1f} us"
     )
     return 0
