@@ -77,7 +77,8 @@ class DurablePublisher:
 
     @property
     def connected(self) -> bool:
-        return self._kafka is not None
+        kafka = self._kafka
+        return kafka is not None and kafka.connected
 
     async def start(self) -> None:
         """Open the spool (raises SpoolUnavailable if it cannot) and start connecting."""

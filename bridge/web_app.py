@@ -214,6 +214,8 @@ class Receiver:
         return _json(200, {"status": "ready", "kafka": kafka}, listener=False)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        # Set at every scrape too: the chart probes only /healthz, and an alert reads this.
+        self.metrics.kafka_ready.set(1 if self.publisher.connected else 0)
         response = web.Response(body=self.metrics.render())
         response.headers[hdrs.CONTENT_TYPE] = self.metrics.content_type
         return response

@@ -172,3 +172,30 @@ def test_drain_batch_must_be_positive(tmp_path: Path) -> None:
         DurablePublisher(
             connect=connect, spool=spool, metrics=BridgeMetrics(), drain_batch_records=0
         )
+
+
+async def test_metrics_say_whether_kafka_is_connected_without_a_readiness_probe(
+    tmp_path: Path,
+) -> None:
+    """The chart never probes /readyz; its Kafka alert reads wifi_bridge_kafka_ready."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bridge.settings import BridgeSettings
+    from bridge.web_app import Receiver, create_app
+
+    producer = ScriptedProducer(fails=False)
+    publisher, metrics = durable(tmp_path, [producer])
+    await publisher.start()
+    receiver = Receiver(
+        settings=BridgeSettings.load(None, {}), publisher=publisher, metrics=metrics
+    )
+    try:
+        async with TestClient(TestServer(create_app(receiver))) as client:
+            await settle(lambda: publisher.connected)
+            text = await (await client.get("/metrics")).text()
+            assert "wifi_bridge_kafka_ready 1.0" in text
+            producer.stopped = True  # the producer is gone: no longer connected
+            text = await (await client.get("/metrics")).text()
+            assert "wifi_bridge_kafka_ready 0.0" in text
+    finally:
+        await publisher.stop()

@@ -26,14 +26,14 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from bridge import cli
 from bridge.metrics import BridgeMetrics
-from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS
+from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings
 from bridge.spool import Spool
 from consumers.pipeline.metrics import PipelineMetrics
-from consumers.pipeline.settings import PIPELINE_OPTIONS
+from consumers.pipeline.settings import PIPELINE_OPTIONS, PipelineSettings
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
-from consumers.sinks.analytics.settings import ANALYTICS_OPTIONS
+from consumers.sinks.analytics.settings import ANALYTICS_OPTIONS, AnalyticsSettings
 from consumers.sinks.crm_metrics import CrmMetrics
-from consumers.sinks.crm_settings import CRM_OPTIONS
+from consumers.sinks.crm_settings import CRM_OPTIONS, CrmSettings
 from tests.fixtures.tools import tool
 
 # The first test may build helm (tests/fixtures/tools.py): minutes, once per machine.
@@ -62,6 +62,12 @@ SETTINGS = {
     "pipeline": {o.env for o in (*KAFKA_OPTIONS, *PIPELINE_OPTIONS)},
     "sink analytics": {o.env for o in (*KAFKA_OPTIONS, *ANALYTICS_OPTIONS)} | {"PGPASSWORD"},
     "sink crm": {o.env for o in (*KAFKA_OPTIONS, *CRM_OPTIONS)},
+}
+LOADERS: dict[str, Any] = {
+    "serve": BridgeSettings.load,
+    "pipeline": PipelineSettings.load,
+    "sink analytics": AnalyticsSettings.load,
+    "sink crm": CrmSettings.load,
 }
 # Labels Prometheus adds to every scraped series (target labels of a PodMonitor).
 TARGET_LABELS = {"job", "namespace", "pod", "instance", "container", "endpoint", "service"}
@@ -126,6 +132,11 @@ def test_every_rendered_object_is_valid_for_the_kubernetes_api(variant: str) -> 
         ((*MINIMAL, "--set", "bridge.spool.maxBytes=100"), "bridge.spool.maxBytes must be"),
         ((*MINIMAL, "--set", "bridge.spool.maxBytes=1048575"), "bridge.spool.maxBytes must be"),
         (
+            (*MINIMAL, "--set", "kafka.replicationFactor=1"),
+            "kafka.minInsyncReplicas (2) cannot exceed kafka.replicationFactor (1)",
+        ),
+        ((*MINIMAL, "--set", "bridge.maxBodyBytes=100"), "/bridge/maxBodyBytes"),
+        (
             (*MINIMAL, "--set", "bridge.secretEnv.BRIDGE_TOKEN.key=token"),
             "secretEnv.BRIDGE_TOKEN.secret is required",
         ),
@@ -156,6 +167,48 @@ def test_every_variable_set_is_a_setting_of_the_command_the_container_runs(
         unknown = set(env_of(container)) - SETTINGS[command]
         assert not unknown, f"{command}: not settings of the service: {sorted(unknown)}"
     assert commands == set(SETTINGS)
+
+
+# Numbers as YAML holds them (floats to helm): each must reach the service as a whole number.
+LARGE_NUMBERS = (
+    "--set",
+    "bridge.spool.maxBytes=4294967296",
+    "--set",
+    "bridge.maxBodyBytes=1048576",
+    "--set",
+    "bridge.env.BRIDGE_LINGER_MS=1000",
+    "--set",
+    "kafka.replicationFactor=1",
+    "--set",
+    "kafka.minInsyncReplicas=1",
+)
+
+
+def _stand_in(name: str) -> str:
+    """A value for a variable the pod gets from a secret or from its own metadata."""
+    return "https://crm.example.invalid" if name.endswith("_URL") else "from-a-secret-or-the-pod"
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "large numbers"])
+def test_every_container_environment_loads_with_the_settings_of_its_service(
+    variant: str, tmp_path: Path
+) -> None:
+    """What a pod would do first: load its settings. A refused value would crash-loop it."""
+    values = VARIANTS.get(variant, (*MINIMAL, *LARGE_NUMBERS))
+    for _, container in containers(render(*values)):
+        command = " ".join(container["args"])
+        environ = {
+            name: value if isinstance(value, str) else _stand_in(name)
+            for name, value in env_of(container).items()
+        }
+        for name, value in environ.items():
+            if value.startswith("/etc/wifi-bridge/"):  # a file of a mounted secret: stand in
+                environ[name] = str(tmp_path / Path(value).name)
+                Path(environ[name]).write_text("stands in for the mounted secret")
+        try:
+            LOADERS[command](None, environ)
+        except Exception as exc:
+            pytest.fail(f"{variant}: {command} refuses its environment: {exc}")
 
 
 def test_every_container_runs_a_command_the_image_has(capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,7 +291,11 @@ def test_duckdb_analytics_lives_on_a_volume_and_postgresql_needs_none() -> None:
 
     workload, container = analytics()
     url = env_of(container)["ANALYTICS_URL"]
-    assert url.startswith("duckdb:///var/lib/wifi-bridge/analytics/")
+    store = AnalyticsSettings.load(None, {"ANALYTICS_URL": url}).store
+    assert store.path is not None
+    assert store.path.is_absolute()
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert any(store.path.is_relative_to(mount) for mount in mounts), (store.path, mounts)
     assert workload["spec"]["volumeClaimTemplates"]
     workload, container = analytics("--set", "analytics.url=postgresql://u@db/wifi")
     assert env_of(container)["ANALYTICS_URL"] == "postgresql://u@db/wifi"

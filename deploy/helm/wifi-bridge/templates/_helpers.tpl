@@ -34,6 +34,9 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- if not .Values.kafka.bootstrapServers -}}
 {{- fail "kafka.bootstrapServers is required: the Kafka brokers, comma-separated host:port" -}}
 {{- end -}}
+{{- if gt (int .Values.kafka.minInsyncReplicas) (int .Values.kafka.replicationFactor) -}}
+{{- fail (printf "kafka.minInsyncReplicas (%d) cannot exceed kafka.replicationFactor (%d): set both (a single broker needs 1 and 1)" (int .Values.kafka.minInsyncReplicas) (int .Values.kafka.replicationFactor)) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Kafka settings every service reads (KAFKA_*), and the SASL and TLS Secrets. */}}
@@ -47,11 +50,11 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 - name: KAFKA_CREATE_TOPICS
   value: {{ .Values.kafka.createTopics | quote }}
 - name: KAFKA_TOPIC_PARTITIONS
-  value: {{ .Values.kafka.topicPartitions | quote }}
+  value: {{ include "wifi-bridge.envValue" .Values.kafka.topicPartitions }}
 - name: KAFKA_REPLICATION_FACTOR
-  value: {{ .Values.kafka.replicationFactor | quote }}
+  value: {{ include "wifi-bridge.envValue" .Values.kafka.replicationFactor }}
 - name: KAFKA_MIN_INSYNC_REPLICAS
-  value: {{ .Values.kafka.minInsyncReplicas | quote }}
+  value: {{ include "wifi-bridge.envValue" .Values.kafka.minInsyncReplicas }}
 {{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}
 - name: KAFKA_SASL_MECHANISM
   value: {{ .Values.kafka.sasl.mechanism | quote }}
@@ -76,11 +79,24 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- end }}
 {{- end -}}
 
+{{/*
+An environment value, quoted. Helm reads every YAML number as a float, and a large one would be
+written in exponent form (1.073741824e+09), which the services refuse: whole numbers are written
+as integers.
+*/}}
+{{- define "wifi-bridge.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}
+{{ int64 . | quote }}
+{{- else -}}
+{{ . | quote }}
+{{- end -}}
+{{- end -}}
+
 {{/* A component's own `env` (plain) and `secretEnv` (NAME: {secret, key}) pass-through. */}}
 {{- define "wifi-bridge.extraEnv" -}}
 {{- range $name, $value := .env }}
 - name: {{ $name }}
-  value: {{ $value | quote }}
+  value: {{ include "wifi-bridge.envValue" $value }}
 {{- end }}
 {{- range $name, $ref := .secretEnv }}
 - name: {{ $name }}
