@@ -55,6 +55,8 @@ class Reason(StrEnum):
     BAD_ID = "bad_id"
     BAD_COORDINATES = "bad_coordinates"
     BAD_VISIT_COUNTS = "bad_visit_counts"
+    FUTURE_AUTHENTICATION_TIME = "future_authentication_time"
+    UNREADABLE = "unreadable"
 
 
 class NormalisationError(WifiBridgeError):
@@ -106,7 +108,11 @@ def normalise_timed(
     record = {
         "eventId": event_id or identify(body).event_id,
         "authenticationTime": _iso_login(authentication_ms),
-        "receivedAt": None if received_at_ms is None else _iso_received(received_at_ms),
+        "receivedAt": (
+            _iso_received(received_at_ms)
+            if received_at_ms is not None and _MIN_MS <= received_at_ms <= _MAX_MS
+            else None
+        ),
         "user": {
             "id": user_id,
             "email": _text(user, "email"),
@@ -305,8 +311,8 @@ def _count(value: Any, path: str) -> int:
         count = value
     elif isinstance(value, float) and value.is_integer():
         count = int(value)
-    elif isinstance(value, str) and value.strip().isdecimal():
-        count = int(value.strip())
+    elif isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) <= 18:
+        count = int(value.strip())  # 18 digits: any count, and far from int()'s digit limit
     if count is None or count < 0:
         raise NormalisationError(
             Reason.BAD_VISIT_COUNTS, f"{path} counts must be whole numbers of at least 0"

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from consumers.pipeline import changelog
-from consumers.pipeline.normalise import NormalisationError, normalise_timed
+from consumers.pipeline.normalise import NormalisationError, Reason, normalise_timed
 from consumers.pipeline.windows import (
     DEFAULT_DEDUP_WINDOW_MS,
     DEFAULT_LATENESS_MS,
@@ -46,9 +46,22 @@ from consumers.pipeline.windows import (
     VisitTracker,
 )
 
-__all__ = ["Output", "PartitionPipeline", "RawRecord", "Route", "WindowConfig"]
+__all__ = [
+    "FUTURE_TOLERANCE_MS",
+    "Output",
+    "PartitionPipeline",
+    "RawRecord",
+    "Route",
+    "WindowConfig",
+]
 
 _VISIT_EXPIRY_INTERVAL_MS = 60_000
+#: How far a login time may be ahead of its receive time (the clocks of the sender and the
+#: bridge differ a little); a login further ahead goes to the dead-letter route.
+FUTURE_TOLERANCE_MS = 5 * 60_000
+# The instants ISO 8601 can write (years 1 to 9999), as epoch milliseconds.
+_MIN_MS = -62_135_596_800_000
+_MAX_MS = 253_402_300_799_999
 
 
 class Route(StrEnum):
@@ -198,16 +211,18 @@ class PartitionPipeline:
                 event_id=header_id.decode("ascii", "replace") if header_id else None,
                 received_at_ms=received_at_ms,
             )
+            if event_ms > received_at_ms + FUTURE_TOLERANCE_MS:
+                # It would move the watermark past the records still to come and turn them late
+                # (one login dated 9999 would, for good).
+                raise NormalisationError(
+                    Reason.FUTURE_AUTHENTICATION_TIME,
+                    "session.authenticationTime is more than 5 minutes after the receive time",
+                )
         except NormalisationError as exc:
-            reason = exc.reason.value
-            self.counts.invalid[reason] = self.counts.invalid.get(reason, 0) + 1
-            dlq_headers = [
-                *raw.headers,
-                ("dlq-reason", reason.encode()),
-                ("dlq-detail", str(exc).encode()[:1024]),
-                ("dlq-stage", b"pipeline"),
-            ]
-            return [Output(Route.DLQ, raw.key, raw.value, dlq_headers)]
+            return [self._dead_letter(raw, exc.reason, str(exc))]
+        except Exception as exc:  # no body may stop its partition
+            detail = f"the body could not be normalised: {type(exc).__name__}"
+            return [self._dead_letter(raw, Reason.UNREADABLE, detail)]
 
         event_id: str = record["eventId"]
         if not self._dedup.check(event_id, received_at_ms):
@@ -335,6 +350,16 @@ class PartitionPipeline:
     def _release(self, *, early: bool = True) -> list[Output]:
         return [self._emit(item, late=False) for item in self._buffer.release(early=early)]
 
+    def _dead_letter(self, raw: RawRecord, reason: Reason, detail: str) -> Output:
+        self.counts.invalid[reason.value] = self.counts.invalid.get(reason.value, 0) + 1
+        dlq_headers = [
+            *raw.headers,
+            ("dlq-reason", reason.value.encode()),
+            ("dlq-detail", detail.encode()[:1024]),
+            ("dlq-stage", b"pipeline"),
+        ]
+        return Output(Route.DLQ, raw.key, raw.value, dlq_headers)
+
     def _emit(self, item: _Item, *, late: bool) -> Output:
         key, record_json, event_ms, event_id, user_key, venue_id = item
         visit = self._visits.assign(user_key, venue_id, event_ms)
@@ -373,9 +398,13 @@ def _key_of(record: dict[str, Any]) -> bytes:
 
 
 def _received_at_ms(header: bytes | None, fallback_ms: int) -> int:
+    """The ``received-at`` header, else (absent, not a number, or beyond the years ISO 8601
+    can write) the record's timestamp."""
     if header:
         try:
-            return int(header)
+            received_ms = int(header)
         except ValueError:
-            pass
+            return fallback_ms
+        if _MIN_MS <= received_ms <= _MAX_MS:
+            return received_ms
     return fallback_ms

@@ -10,6 +10,7 @@ import pytest
 from bridge.event import identify
 from consumers.pipeline import changelog
 from consumers.pipeline.partition import (
+    FUTURE_TOLERANCE_MS,
     Output,
     PartitionPipeline,
     RawRecord,
@@ -116,7 +117,8 @@ def test_relogins_of_a_visit_share_its_id_and_only_the_first_is_new() -> None:
     pipeline = PartitionPipeline(CONFIG)
     released: list[Output] = []
     for minute in (0, 10, 20, 120):  # the last one opens a new visit
-        released += pipeline.accept(raw(login_body(user_id=1, at_ms=T0 + minute * 60_000)))
+        at_ms = T0 + minute * 60_000
+        released += pipeline.accept(raw(login_body(user_id=1, at_ms=at_ms), at_ms))
     released += pipeline.tick(T0 + 10**9, caught_up=True)
     out = records(released)
     visits = [r["visit"] for r in out]
@@ -124,6 +126,47 @@ def test_relogins_of_a_visit_share_its_id_and_only_the_first_is_new() -> None:
     assert len({v["id"] for v in visits[:3]}) == 1  # type: ignore[index]
     assert visits[3]["id"] != visits[0]["id"]  # type: ignore[index]
     assert pipeline.counts.visits_opened == 2
+
+
+def test_a_login_dated_far_after_its_receipt_goes_to_the_dlq_and_leaves_the_order_alone() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    future = raw(login_body(user_id=9, at_ms=253_402_300_799_000))  # 9999-12-31, received T0
+    (out,) = pipeline.accept(future)
+    assert out.route is Route.DLQ
+    assert dict(out.headers)["dlq-reason"] == b"future_authentication_time"
+    assert pipeline.watermark_ms is None  # nothing moved
+    # Within the tolerance (clocks differ a little) a login is ordered as usual.
+    ahead = raw(login_body(user_id=9, at_ms=T0 + FUTURE_TOLERANCE_MS))
+    assert pipeline.accept(ahead) == []  # waits in the buffer
+    # A record a second out of order afterwards is still put in order, not sent late.
+    assert pipeline.accept(raw(login_body(user_id=8, at_ms=T0 + FUTURE_TOLERANCE_MS - 500))) == []
+    released = records(pipeline.tick(T0 + 10**9, caught_up=True))
+    assert [r["user"]["id"] for r in released] == ["8", "9"]  # type: ignore[index]
+    assert pipeline.counts.late == 0
+
+
+def test_no_body_stops_its_partition_whatever_fails_in_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A header beyond ISO 8601's years falls back to the record time; nothing raises."""
+    pipeline = PartitionPipeline(CONFIG)
+    body = login_body(user_id=1, at_ms=T0)
+    odd = RawRecord(
+        key=b"1", value=body, headers=[("received-at", b"100000000000000000")], timestamp_ms=T0
+    )
+    (out,) = pipeline.accept(odd) + pipeline.tick(T0 + 10**9, caught_up=True)
+    assert out.route is Route.VISITS
+    assert records([out])[0]["receivedAt"] == "2025-11-29T09:53:20.000Z"
+
+    def fails(*_: object, **__: object) -> None:
+        raise ValueError("a defect of the normaliser")
+
+    monkeypatch.setattr("consumers.pipeline.partition.normalise_timed", fails)
+    (out,) = pipeline.accept(raw(body))
+    assert out.route is Route.DLQ
+    assert out.value == body
+    assert dict(out.headers)["dlq-reason"] == b"unreadable"
+    assert dict(out.headers)["dlq-detail"] == b"the body could not be normalised: ValueError"
 
 
 def test_an_unreadable_body_goes_to_the_dlq_unchanged_with_its_reason() -> None:
