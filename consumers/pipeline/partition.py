@@ -147,6 +147,7 @@ class PartitionPipeline:
         "_last_visit_expiry_ms",
         "_seen",
         "_visits",
+        "_written_meta",
         "config",
         "counts",
     )
@@ -176,6 +177,9 @@ class PartitionPipeline:
         self._seen: dict[str, _Seen] = {}
         self._dirty_visits: set[tuple[str, str]] = set()
         self._last_visit_expiry_ms: int | None = None
+        # What the changelog holds already: a fresh pipeline's meta needs no entry, a restored
+        # one's is what it was restored from (set by restore()).
+        self._written_meta = self._meta()
         self.counts = Counts()
 
     # ----------------------------------------------------------------------------------------
@@ -257,9 +261,17 @@ class PartitionPipeline:
         return self._release()
 
     def take_changes(self) -> list[tuple[bytes, bytes | None]]:
-        """Changelog entries changed since the last call; the meta entry comes last."""
+        """Changelog entries changed since the last call; the meta entry comes last.
+
+        The meta entry is written whenever it changed, also with no other entry: a pass that
+        only dropped duplicates or moved the wall clock moved clocks a restore must see.
+        """
+        meta = self._meta()
         if not self._seen and not self._dirty_visits:
-            return []
+            if meta == self._written_meta:
+                return []
+            self._written_meta = meta
+            return [(changelog.META_KEY, changelog.encode_meta(meta))]
         released = self._buffer.released_through
         entries: list[tuple[bytes, bytes | None]] = []
         for event_id, (seen_ms, item, seq) in self._seen.items():
@@ -283,23 +295,19 @@ class PartitionPipeline:
                 )
             )
         self._dirty_visits.clear()
-        released = self._buffer.released_through
-        entries.append(
-            (
-                changelog.META_KEY,
-                changelog.encode_meta(
-                    changelog.Meta(
-                        next_seq=self._buffer.next_seq,
-                        max_event_ms=self._buffer.max_event_ms,
-                        wall_ms=self._buffer.wall_ms,
-                        released_through=released,
-                        dedup_clock_ms=self._dedup.clock_ms,
-                        visit_clock_ms=self._visits.clock_ms,
-                    )
-                ),
-            )
-        )
+        self._written_meta = meta
+        entries.append((changelog.META_KEY, changelog.encode_meta(meta)))
         return entries
+
+    def _meta(self) -> changelog.Meta:
+        return changelog.Meta(
+            next_seq=self._buffer.next_seq,
+            max_event_ms=self._buffer.max_event_ms,
+            wall_ms=self._buffer.wall_ms,
+            released_through=self._buffer.released_through,
+            dedup_clock_ms=self._dedup.clock_ms,
+            visit_clock_ms=self._visits.clock_ms,
+        )
 
     def discard_changes(self) -> None:
         self._seen.clear()

@@ -35,7 +35,7 @@ PIPELINE_OPTIONS: tuple[Option, ...] = (
         "PIPELINE_DEDUP_WINDOW_S",
         "86400",
         "a redelivered event id is dropped for this long after its first sighting (covers "
-        "the sender's 3-hour retry)",
+        "the sender's 3-hour retry); at least PIPELINE_LATENESS_S",
     ),
     Option(
         "PIPELINE_VISIT_GAP_S",
@@ -117,6 +117,15 @@ class PipelineSettings:
                 f"PIPELINE_VISIT_RETENTION_S ({retention_s}) must be at least "
                 f"PIPELINE_VISIT_GAP_S ({gap_s})"
             )
+        dedup_window_s = config.integer(values, "PIPELINE_DEDUP_WINDOW_S", minimum=1)
+        lateness_s = config.integer(values, "PIPELINE_LATENESS_S", minimum=0)
+        if dedup_window_s < lateness_s:
+            # A copy let in again while the first still waits in the buffer would share its
+            # changelog entry, and one of the two would be gone after a restore.
+            raise ConfigError(
+                f"PIPELINE_DEDUP_WINDOW_S ({dedup_window_s}) must be at least "
+                f"PIPELINE_LATENESS_S ({lateness_s})"
+            )
         commit_interval_ms = config.integer(
             values, "PIPELINE_COMMIT_INTERVAL_MS", minimum=1, maximum=60_000
         )
@@ -141,10 +150,10 @@ class PipelineSettings:
             topic_changelog=config.optional_text(values, "PIPELINE_TOPIC_CHANGELOG")
             or f"{group_id}-changelog",
             windows=WindowConfig(
-                dedup_window_ms=config.integer(values, "PIPELINE_DEDUP_WINDOW_S", minimum=1) * 1000,
+                dedup_window_ms=dedup_window_s * 1000,
                 visit_gap_ms=gap_s * 1000,
                 visit_retention_ms=retention_s * 1000,
-                lateness_ms=config.integer(values, "PIPELINE_LATENESS_S", minimum=0) * 1000,
+                lateness_ms=lateness_s * 1000,
                 max_buffered=config.integer(values, "PIPELINE_MAX_BUFFERED", minimum=1),
             ),
             commit_interval_ms=commit_interval_ms,

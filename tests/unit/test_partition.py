@@ -273,3 +273,28 @@ def test_a_meta_tombstone_or_incomplete_meta_does_not_crash_a_restore(
     restored, corrupt = PartitionPipeline.restore([(changelog.META_KEY, value)], CONFIG)
     assert restored.buffered == 0
     assert corrupt == (0 if value is None else 1)
+
+
+def test_a_pass_that_only_drops_duplicates_still_saves_the_clock_it_moved() -> None:
+    """Restored after such a pass, dedup decides as the uninterrupted pipeline does."""
+    config = WindowConfig(dedup_window_ms=10_000, lateness_ms=0)
+
+    def login(user_id: int, received_ms: int) -> RawRecord:
+        return raw(login_body(user_id=user_id, at_ms=T0), T0 + received_ms)
+
+    def run(*, restore: bool) -> int:
+        pipeline = PartitionPipeline(config)
+        changelog: list[tuple[bytes, bytes | None]] = []
+        pipeline.accept(login(1, 0))  # X, first seen at 0
+        pipeline.accept(login(2, 9_000))  # Y
+        changelog += pipeline.take_changes()
+        assert pipeline.accept(login(2, 10_500)) == []  # Y again: dropped; the clock moves on
+        changes = pipeline.take_changes()
+        assert [key for key, _ in changes] == [b"m"]  # the meta alone, with the new clock
+        changelog += changes
+        if restore:
+            pipeline, _ = PartitionPipeline.restore(changelog, config)
+        # X again, 9.5 s after it came: its first sighting has left the window by the clock
+        return len(pipeline.accept(login(1, 9_500)) + pipeline.tick(T0 + 10**9, caught_up=True))
+
+    assert run(restore=True) == run(restore=False) == 1

@@ -87,6 +87,10 @@ def test_pipeline_defaults_follow_the_issue_and_name_the_changelog_after_the_gro
         ({"PIPELINE_LATENESS_S": "-1"}, "PIPELINE_LATENESS_S"),
         ({"PIPELINE_DEDUP_WINDOW_S": "a day"}, "PIPELINE_DEDUP_WINDOW_S"),
         ({"PIPELINE_VISIT_GAP_S": "100000"}, "PIPELINE_VISIT_RETENTION_S"),
+        (
+            {"PIPELINE_DEDUP_WINDOW_S": "60", "PIPELINE_LATENESS_S": "120"},
+            r"PIPELINE_DEDUP_WINDOW_S \(60\) must be at least PIPELINE_LATENESS_S \(120\)",
+        ),
         ({"PIPELINE_COMMIT_INTERVAL_MS": "0"}, "PIPELINE_COMMIT_INTERVAL_MS"),
         ({"PIPELINE_COMMIT_INTERVAL_MS": "10000"}, "PIPELINE_TRANSACTION_TIMEOUT_MS"),
         ({"PIPELINE_LOG_LEVEL": "LOUD"}, "PIPELINE_LOG_LEVEL"),
