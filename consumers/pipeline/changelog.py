@@ -25,10 +25,10 @@ restore rebuilds the same state, and the transaction carries a few bytes instead
 The meta is written last in every transaction that writes any entry of its partition, so a
 restore never sees an entry newer than the meta that covers it.
 
-Entries are never deleted one by one when they expire: the topic is created with
-``cleanup.policy=compact,delete`` and a retention longer than the dedup and visit windows, so
-Kafka drops old segments. Retention removes a prefix of the log; since the meta is written
-after the entries of its transaction, losing the meta means losing every entry before it too.
+The topic is compacted, never cleaned by time (``cleanup.policy=compact``): an id that left the
+dedup window and a (user, venue) whose visits all expired are written as tombstones, so the
+topic holds the live state plus what compaction has not yet removed. A record still waiting in
+the reorder buffer is kept however long the pipeline stays stopped.
 """
 
 from __future__ import annotations

@@ -258,6 +258,7 @@ class PartitionPipeline:
         ):
             self._last_visit_expiry_ms = now_ms
             self._visits.expire(self._visits.clock_ms or 0)
+            self._dirty_visits.update(self._visits.take_removed())  # their tombstones
         return self._release()
 
     def take_changes(self) -> list[tuple[bytes, bytes | None]]:
@@ -267,13 +268,21 @@ class PartitionPipeline:
         only dropped duplicates or moved the wall clock moved clocks a restore must see.
         """
         meta = self._meta()
-        if not self._seen and not self._dirty_visits:
-            if meta == self._written_meta:
+        seen = self._seen
+        # Ids out of the dedup window: tombstones, first (an id seen again in this pass is
+        # written after them), so the compacted topic forgets them.
+        entries: list[tuple[bytes, bytes | None]] = [
+            (changelog.event_key(event_id), None)
+            for event_id in self._dedup.take_expired()
+            if event_id not in seen
+        ]
+        if not seen and not self._dirty_visits:
+            if not entries and meta == self._written_meta:
                 return []
             self._written_meta = meta
-            return [(changelog.META_KEY, changelog.encode_meta(meta))]
+            entries.append((changelog.META_KEY, changelog.encode_meta(meta)))
+            return entries
         released = self._buffer.released_through
-        entries: list[tuple[bytes, bytes | None]] = []
         for event_id, (seen_ms, item, seq) in self._seen.items():
             if item is None or seq is None or (released and (item[2], seq) <= released):
                 # Late, or released already: the meta below covers it, only dedup needs it.
@@ -312,6 +321,8 @@ class PartitionPipeline:
     def discard_changes(self) -> None:
         self._seen.clear()
         self._dirty_visits.clear()
+        self._dedup.take_expired()
+        self._visits.take_removed()
 
     # ----------------------------------------------------------------------------------------
     # Restore

@@ -53,7 +53,6 @@ _BATCH = 500
 # spelling the type out in the call would build it again for every record.
 _ProducerHeaders = list[tuple[str, str | bytes | None]]
 _KAFKA_TIMEOUT_S = 30.0
-_CHANGELOG_MARGIN_MS = 2 * 3600 * 1000
 
 
 class PipelineError(Exception):
@@ -456,10 +455,6 @@ class PipelineService:
         partitions = None
         if raw is not None and raw.error is None and raw.partitions:
             partitions = len(raw.partitions)
-        windows = self.settings.windows
-        retention_ms = (
-            max(windows.dedup_window_ms, windows.visit_retention_ms) + _CHANGELOG_MARGIN_MS
-        )
         specs = [
             TopicSpec(self.settings.topic_raw, partitions),
             TopicSpec(self.settings.topic_visits, partitions),
@@ -469,7 +464,10 @@ class PipelineService:
             TopicSpec(
                 self.settings.topic_changelog,
                 partitions,
-                {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)},
+                # Compaction only, never time-based deletion: the pipeline writes tombstones
+                # for what left its windows, and a record still waiting in the reorder buffer
+                # exists only here, however long the pipeline was stopped.
+                {"cleanup.policy": "compact"},
             ),
         ]
         asyncio.run(ensure_topics(self.settings.kafka, specs))

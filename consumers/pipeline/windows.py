@@ -52,13 +52,14 @@ class Deduplicator:
     so insertion order is expiry order and expiry costs O(1) per expired id.
     """
 
-    __slots__ = ("_clock_ms", "_seen", "window_ms")
+    __slots__ = ("_clock_ms", "_expired", "_seen", "window_ms")
 
     def __init__(self, *, window_ms: int = DEFAULT_DEDUP_WINDOW_MS) -> None:
         _require_positive("window_ms", window_ms)
         self.window_ms = window_ms
         self._seen: dict[str, int] = {}
         self._clock_ms: int | None = None
+        self._expired: list[str] = []
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -92,6 +93,11 @@ class Deduplicator:
         self._seen[event_id] = clock_ms
         return True
 
+    def take_expired(self) -> list[str]:
+        """The ids that left the window since the last call (their changelog tombstones)."""
+        expired, self._expired = self._expired, []
+        return expired
+
     def expire(self, now_ms: int) -> int:
         """Advance the clock without a record (a timer tick); return how many ids expired."""
         before = len(self._seen)
@@ -108,6 +114,7 @@ class Deduplicator:
             if seen[oldest] > horizon_ms:
                 break
             del seen[oldest]
+            self._expired.append(oldest)
         return clock_ms
 
 
@@ -165,7 +172,7 @@ class VisitTracker:
     ``expire()`` time seen. A login arriving later than that after its visit opens a new one.
     """
 
-    __slots__ = ("_clock_ms", "_visits", "gap_ms", "retention_ms")
+    __slots__ = ("_clock_ms", "_removed", "_visits", "gap_ms", "retention_ms")
 
     def __init__(
         self,
@@ -180,6 +187,7 @@ class VisitTracker:
         self.retention_ms = retention_ms
         self._visits: dict[tuple[str, str], tuple[_Span, ...]] = {}
         self._clock_ms: int | None = None
+        self._removed: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         """Number of visits held in state."""
@@ -255,8 +263,16 @@ class VisitTracker:
         clock_ms = self._tick(now_ms)
         before = len(self)
         for key in list(self._visits):
-            self._store(key, self._live(self._visits[key], clock_ms))
+            spans = self._live(self._visits[key], clock_ms)
+            if not spans:
+                self._removed.append(key)
+            self._store(key, spans)
         return before - len(self)
+
+    def take_removed(self) -> list[tuple[str, str]]:
+        """The (user, venue) pairs :meth:`expire` emptied since the last call (tombstones)."""
+        removed, self._removed = self._removed, []
+        return removed
 
     def _tick(self, now_ms: int) -> int:
         self._clock_ms = now_ms if self._clock_ms is None else max(self._clock_ms, now_ms)

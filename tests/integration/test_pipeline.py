@@ -11,6 +11,8 @@ from collections import Counter
 
 import orjson
 import pytest
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
 
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
@@ -138,6 +140,12 @@ def test_records_waiting_in_the_buffer_survive_a_restart(pipeline_rig: PipelineR
 
     assert len(outs) == 5
     assert max(event_ids(outs).values()) == 1
+    # They were kept in the changelog, which no retention time may clean: only compaction.
+    changelog = rig.topics["group"] + "-changelog"
+    admin = AdminClient({"bootstrap.servers": rig.bootstrap})
+    resource = ConfigResource(ConfigResource.Type.TOPIC, changelog)
+    configs = admin.describe_configs([resource])[resource].result(timeout=30)
+    assert configs["cleanup.policy"].value == "compact"
 
 
 def _stream(rig: PipelineRig, *, seconds: float, rate_per_s: int, seed: int) -> list[bytes]:

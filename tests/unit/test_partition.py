@@ -290,7 +290,8 @@ def test_a_pass_that_only_drops_duplicates_still_saves_the_clock_it_moved() -> N
         changelog += pipeline.take_changes()
         assert pipeline.accept(login(2, 10_500)) == []  # Y again: dropped; the clock moves on
         changes = pipeline.take_changes()
-        assert [key for key, _ in changes] == [b"m"]  # the meta alone, with the new clock
+        # X's tombstone (it left the window), and the meta with the new clock
+        assert [(key[:1], value is None) for key, value in changes] == [(b"e", True), (b"m", False)]
         changelog += changes
         if restore:
             pipeline, _ = PartitionPipeline.restore(changelog, config)
@@ -298,3 +299,24 @@ def test_a_pass_that_only_drops_duplicates_still_saves_the_clock_it_moved() -> N
         return len(pipeline.accept(login(1, 9_500)) + pipeline.tick(T0 + 10**9, caught_up=True))
 
     assert run(restore=True) == run(restore=False) == 1
+
+
+def test_the_changelog_forgets_what_left_the_windows_so_compaction_bounds_it() -> None:
+    """Expired ids and visits get tombstones: folded, the changelog holds only live state."""
+    config = WindowConfig(
+        dedup_window_ms=10_000, visit_gap_ms=1_000, visit_retention_ms=5_000, lateness_ms=0
+    )
+    pipeline = PartitionPipeline(config)
+    written: list[tuple[bytes, bytes | None]] = []
+    for n in range(200):
+        at_ms = T0 + n * 1_000
+        pipeline.accept(raw(login_body(user_id=n, venue_id=n, at_ms=at_ms), at_ms))
+        if n % 10 == 9:
+            pipeline.tick(at_ms + 60_000, caught_up=False)  # the visit expiry runs per minute
+            written += pipeline.take_changes()
+    state = changelog.fold(written)
+    assert len(state.events) <= 11  # the last 10 s of ids
+    assert len(state.visits) <= 70  # at most the visits since the last expiry pass
+    restored, corrupt = PartitionPipeline.restore(written, config)
+    assert corrupt == 0
+    assert restored.dedup_entries == pipeline.dedup_entries
