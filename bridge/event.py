@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from hashlib import sha256
 from typing import Any
 
@@ -19,6 +19,8 @@ from typing import Any
 FALLBACK_KEY = "unknown"
 
 _EMPTY: dict[str, Any] = {}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 _EVENT_ID_VERSION = "v1"
 _SEPARATOR = "\x1f"
 _MAC_SEPARATORS = str.maketrans("", "", "-:. ")
@@ -48,6 +50,7 @@ def normalise_mac(value: Any) -> str | None:
     """``00-01-02-03-04-05`` and ``00:01:02:03:04:05`` are one MAC: ``00:01:02:03:04:05``."""
     if not isinstance(value, str):
         return None
+    value = value.strip()
     usual = _USUAL_MAC.fullmatch(value)
     if usual is not None:
         lowered = value.lower()
@@ -71,7 +74,8 @@ def parse_time_ms(value: Any) -> int | None:
         return None
     if moment.tzinfo is None:
         return None
-    return int(moment.timestamp() * 1000)
+    # In integers: float seconds times 1000 is a millisecond off for many times outside 1970-2038.
+    return (moment - _EPOCH) // _MILLISECOND
 
 
 def _section(body: dict[str, Any], name: str) -> dict[str, Any]:

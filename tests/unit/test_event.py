@@ -69,3 +69,21 @@ def test_normalise_mac_keeps_odd_values_as_they_are() -> None:
     assert normalise_mac("00-01-02-03-04-05") == "00:01:02:03:04:05"
     assert normalise_mac("not-a-mac") == "not-a-mac"
     assert normalise_mac(5) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_ms"),
+    [
+        ("2038-10-10T19:46:22.357+0000", 2170352782357),
+        ("1952-10-04T08:04:16.988+0000", -544118143012),
+        ("1969-12-31T23:59:59.999Z", -1),
+        ("0001-01-01T00:00:00.001Z", -62135596799999),
+    ],
+)
+def test_login_times_are_exact_to_the_millisecond_in_any_year(text: str, expected_ms: int) -> None:
+    assert parse_time_ms(text) == expected_ms
+
+
+def test_a_mac_with_surrounding_whitespace_is_the_same_mac() -> None:
+    assert normalise_mac("AA-BB-CC-DD-EE-FF\t") == "aa:bb:cc:dd:ee:ff"
+    assert normalise_mac(" aa:bb:cc:dd:ee:ff\n") == "aa:bb:cc:dd:ee:ff"
