@@ -50,14 +50,14 @@ def normalise_mac(value: Any) -> str | None:
     """``00-01-02-03-04-05`` and ``00:01:02:03:04:05`` are one MAC: ``00:01:02:03:04:05``."""
     if not isinstance(value, str):
         return None
-    value = value.strip()
-    usual = _USUAL_MAC.fullmatch(value)
+    text = value.strip()
+    usual = _USUAL_MAC.fullmatch(text)
     if usual is not None:
-        lowered = value.lower()
+        lowered = text.lower()
         return lowered if usual[1] == ":" else lowered.replace("-", ":")
-    digits = value.translate(_MAC_SEPARATORS).lower()
+    digits = text.translate(_MAC_SEPARATORS).lower()
     if len(digits) != 12 or not _HEX_DIGITS.issuperset(digits):
-        return value.strip() or None
+        return text or None
     return ":".join(
         (digits[0:2], digits[2:4], digits[4:6], digits[6:8], digits[8:10], digits[10:12])
     )
