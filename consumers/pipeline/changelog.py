@@ -12,7 +12,9 @@ key                  value (JSON)
                      (``null`` for a record that went straight to the late topic or left
                      the buffer before its transaction committed)
 ``v`` + user US venue ``[[visit id, first login ms, last login ms, logins], ...]``; a
-                     tombstone once the (user, venue) holds no visit
+                     tombstone once the (user, venue) holds no visit. US is the unit
+                     separator, U+001F; in the user id a backslash is written ``\\\\``
+                     and a US ``\\s``, so the first US in a key is always the separator
 ``m``                the partition's meta: buffer sequence, watermark inputs, the
                      ``(event ms, seq)`` released through, the dedup and visit clocks
 ===================  =====================================================================
@@ -34,6 +36,7 @@ the reorder buffer is kept however long the pipeline stays stopped.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +87,18 @@ def event_key(event_id: str) -> bytes:
 
 
 def visit_key(user_id: str, venue_id: str) -> bytes:
+    if "\\" in user_id or _SEPARATOR in user_id:  # rare: ids are digits, venue ids too
+        user_id = user_id.replace("\\", "\\\\").replace(_SEPARATOR, "\\s")
     return _VISITS + f"{user_id}{_SEPARATOR}{venue_id}".encode()
+
+
+_ESCAPE = re.compile(r"\\([\\s])")
+
+
+def _unescape_user(text: str) -> str:
+    if "\\" not in text:
+        return text
+    return _ESCAPE.sub(lambda m: "\\" if m[1] == "\\" else _SEPARATOR, text)
 
 
 def encode_event(
@@ -158,7 +172,8 @@ def _apply(state: State, key: bytes, value: bytes | None) -> None:
             record=_opt_dict(raw["r"]),
         )
     elif kind == _VISITS:
-        user_id, venue_id = rest.split(_SEPARATOR, 1)
+        escaped_user, venue_id = rest.split(_SEPARATOR, 1)
+        user_id = _unescape_user(escaped_user)
         if value is None:
             state.visits.pop((user_id, venue_id), None)
             return

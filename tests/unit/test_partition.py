@@ -256,6 +256,40 @@ def test_visit_entries_encoded_from_held_tuples_match_the_documented_encoding() 
     )
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("a\x1fb", "c"), ("a", "b\x1fc")),
+        (("a\\", "s\x1fc"), ("a\\s", "c")),
+        (("a\\s", "c"), ("a\x1f", "c")),
+    ],
+)
+def test_visits_of_ids_holding_the_separator_or_a_backslash_keep_their_own_entries(
+    first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    tracker = VisitTracker(gap_ms=60_000, retention_ms=10**9)
+    tracker.assign(*first, T0)
+    tracker.assign(*second, T0 + 1_000)
+    entries = [
+        (changelog.visit_key(*pair), changelog.encode_held(tracker.held(*pair)))
+        for pair in (first, second)
+    ]
+    assert entries[0][0] != entries[1][0]
+
+    state = changelog.fold(entries)
+
+    assert state.corrupt == 0
+    assert {pair: [v.first_login_ms for v in vs] for pair, vs in state.visits.items()} == {
+        first: [T0],
+        second: [T0 + 1_000],
+    }
+
+
+def test_a_visit_key_of_plain_ids_is_the_user_the_separator_and_the_venue() -> None:
+    assert changelog.visit_key("888", "23") == b"v888\x1f23"
+    assert changelog.fold([(b"vu\\x\x1f23", b"[]")]).visits == {("u\\x", "23"): []}
+
+
 def test_restore_skips_and_counts_corrupt_entries() -> None:
     pipeline = PartitionPipeline(CONFIG)
     pipeline.accept(raw(login_body(user_id=1, at_ms=T0)))
