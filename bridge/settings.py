@@ -72,7 +72,12 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("BRIDGE_TLS_CERTFILE", None, "PEM certificate chain: serve HTTPS natively"),
     Option("BRIDGE_TLS_KEYFILE", None, "PEM private key of the TLS certificate"),
-    Option("BRIDGE_MAX_BODY_BYTES", "65536", "largest body accepted, on the wire and decompressed"),
+    Option(
+        "BRIDGE_MAX_BODY_BYTES",
+        "65536",
+        "largest body accepted, on the wire and decompressed (at most 983040: a record must fit "
+        "Kafka's default message size limit with its key and headers)",
+    ),
     Option(
         "BRIDGE_ACK_TIMEOUT_MS",
         "5000",
@@ -103,6 +108,11 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+
+#: The largest body a record can carry within Kafka's default limits: librdkafka refuses a
+#: record whose value, key and headers pass its message.max.bytes (1,000,000 bytes), the
+#: broker a batch past max.message.bytes (1 MiB). 960 KiB leaves room for the key and headers.
+MAX_BODY_BYTES_LIMIT = 960 * 1024
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -214,9 +224,7 @@ class BridgeSettings:
             trusted_proxies=config.networks(values, "BRIDGE_TRUSTED_PROXIES"),
             tls_certfile=config.optional_file(values, "BRIDGE_TLS_CERTFILE"),
             tls_keyfile=config.optional_file(values, "BRIDGE_TLS_KEYFILE"),
-            max_body_bytes=config.integer(
-                values, "BRIDGE_MAX_BODY_BYTES", minimum=1024, maximum=16 * 1024 * 1024
-            ),
+            max_body_bytes=_max_body_bytes(values),
             ack_timeout_ms=config.integer(
                 values, "BRIDGE_ACK_TIMEOUT_MS", minimum=100, maximum=9000
             ),
@@ -251,3 +259,14 @@ class BridgeSettings:
     @property
     def ack_timeout_s(self) -> float:
         return self.ack_timeout_ms / 1000
+
+
+def _max_body_bytes(values: config.Values) -> int:
+    size = config.integer(values, "BRIDGE_MAX_BODY_BYTES", minimum=1024)
+    if size > MAX_BODY_BYTES_LIMIT:
+        raise ConfigError(
+            f"BRIDGE_MAX_BODY_BYTES: at most {MAX_BODY_BYTES_LIMIT} bytes, got {size}: Kafka "
+            "refuses larger records by default (the producer's message.max.bytes is 1000000 "
+            "bytes with key and headers, the broker's max.message.bytes 1 MiB)"
+        )
+    return size

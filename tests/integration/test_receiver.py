@@ -15,6 +15,8 @@ import orjson
 import pytest
 
 from bridge.event import identify
+from bridge.settings import MAX_BODY_BYTES_LIMIT
+from bridge.spool import read_stats
 from tests.fixtures.bridge import RunningBridge, StartBridge
 from tests.fixtures.kafka import consume
 from tests.fixtures.samples import DOCUMENTED_SAMPLE, TABLE_VARIANT, login_body
@@ -182,6 +184,32 @@ async def test_oversized_bodies_get_413_and_the_service_keeps_serving(
     await _still_serves(bridge)
 
 
+def body_of_size(size: int, **fields: Any) -> bytes:
+    """A login whose JSON is exactly ``size`` bytes (padded with a field of its own)."""
+    body = orjson.loads(login_body())
+    body.update(fields)
+    body["pad"] = ""
+    body["pad"] = "x" * (size - len(orjson.dumps(body)))
+    data = orjson.dumps(body)
+    assert len(data) == size
+    return data
+
+
+@pytest.mark.parametrize("producer", ["librdkafka", "aiokafka"])
+async def test_the_largest_body_the_settings_allow_lands_in_kafka(
+    start_bridge: StartBridge, kafka_bootstrap: str, producer: str
+) -> None:
+    limit = str(MAX_BODY_BYTES_LIMIT)
+    bridge = await start_bridge(BRIDGE_MAX_BODY_BYTES=limit, BRIDGE_PRODUCER=producer)
+    body = body_of_size(MAX_BODY_BYTES_LIMIT)
+    status, _, payload = await post(bridge.webhook_url, body)
+    assert (status, payload["status"]) == (200, "accepted")
+    records = await consume(kafka_bootstrap, bridge.topic_raw, count=1)
+    assert [r.value for r in records] == [body]
+    assert bridge.spool_dir is not None
+    assert read_stats(bridge.spool_dir).records == 0  # Kafka took it, not the spool
+
+
 async def test_gzip_bomb_gets_413_without_inflating_it(start_bridge: StartBridge) -> None:
     bridge = await start_bridge()
     bomb = b'{"pad":"' + b"0" * (64 * 1024 * 1024) + b'"}'
@@ -251,7 +279,6 @@ async def test_500_concurrent_posts_all_arrive_exactly_once(
 async def test_kafka_unreachable_the_body_is_spooled_answered_200_and_readiness_stays_green(
     start_bridge: StartBridge,
 ) -> None:
-    from bridge.spool import read_stats
     from devkafka.broker import free_port
 
     bridge = await start_bridge(
@@ -355,8 +382,6 @@ async def test_sigterm_during_load_loses_no_acknowledged_request(
     if missing:
         # Acknowledged from the spool (Kafka was slower than the ack budget): still safe, as a
         # bridge started on the same spool must prove by delivering them.
-        from bridge.spool import read_stats
-
         assert bridge.spool_dir is not None
         assert read_stats(bridge.spool_dir).records >= len(missing), bridge.logs()
         successor = await spawn_bridge(spool_dir=str(bridge.spool_dir), topic_raw=bridge.topic_raw)

@@ -174,7 +174,7 @@ LARGE_NUMBERS = (
     "--set",
     "bridge.spool.maxBytes=4294967296",
     "--set",
-    "bridge.maxBodyBytes=1048576",
+    "bridge.maxBodyBytes=983040",
     "--set",
     "bridge.env.BRIDGE_LINGER_MS=1000",
     "--set",

@@ -7,7 +7,7 @@ import pytest
 
 from bridge.cli import build_parser, main, settings_markdown
 from bridge.errors import ConfigError
-from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, BridgeSettings
+from bridge.settings import BRIDGE_OPTIONS, KAFKA_OPTIONS, MAX_BODY_BYTES_LIMIT, BridgeSettings
 from consumers.pipeline.settings import PIPELINE_OPTIONS, PipelineSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,12 @@ def test_flag_wins_over_environment() -> None:
 def test_bad_setting_error_names_the_setting(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load(**env)
+
+
+def test_a_body_limit_past_what_kafka_takes_by_default_is_refused() -> None:
+    assert load(BRIDGE_MAX_BODY_BYTES=str(MAX_BODY_BYTES_LIMIT)).max_body_bytes == 983040
+    with pytest.raises(ConfigError, match=r"BRIDGE_MAX_BODY_BYTES: at most 983040 .*max\.bytes"):
+        load(BRIDGE_MAX_BODY_BYTES=str(16 * 1024 * 1024))
 
 
 def test_cli_reports_a_configuration_error_and_exits_2(
