@@ -518,21 +518,26 @@ def run(settings: PipelineSettings) -> int:
 def _read_changelog(
     config: dict[str, object], topic: str, partitions: Sequence[int]
 ) -> dict[int, list[tuple[bytes, bytes | None]]]:
-    """Every committed entry of the given changelog partitions, in log order."""
+    """Every committed entry of the given changelog partitions, in log order.
+
+    Partitions that hold no record are not read at all, and a read returns as soon as every
+    partition reached its end: a consume() call that asks for a batch waits its whole timeout
+    unless the batch fills, so the reads are short and repeated until the deadline.
+    """
     entries: dict[int, list[tuple[bytes, bytes | None]]] = {p: [] for p in partitions}
     if not partitions:
         return entries
     reader = confluent_kafka.Consumer(config)
     try:
+        pending = set(_partitions_with_records(reader, topic, partitions))
         reader.assign(
-            [TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING) for p in partitions]
+            [TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING) for p in sorted(pending)]
         )
-        pending = set(partitions)
         deadline = time.monotonic() + 600
         while pending:
             if time.monotonic() > deadline:
                 raise PipelineError(f"restoring from {topic} took longer than 10 minutes")
-            for message in reader.consume(1000, 1.0):
+            for message in reader.consume(1000, _RESTORE_POLL_S):
                 partition = message.partition()
                 assert partition is not None
                 error = message.error()
@@ -550,6 +555,47 @@ def _read_changelog(
     finally:
         reader.close()
     return entries
+
+
+_RESTORE_POLL_S = 0.05
+_ABSENT = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION)
+
+
+def _partitions_with_records(
+    reader: confluent_kafka.Consumer, topic: str, partitions: Sequence[int]
+) -> list[int]:
+    """The partitions whose log is not empty: those to read to their end on a restore.
+
+    A partition whose leader is still being elected (a changelog created a moment ago) is
+    asked again for up to :data:`_WATERMARK_PATIENCE_S`; one the broker still cannot tell
+    about is read, which is always right, only slower.
+    """
+    found = []
+    for partition in partitions:
+        deadline = time.monotonic() + _WATERMARK_PATIENCE_S
+        while True:
+            try:
+                low, high = reader.get_watermark_offsets(
+                    TopicPartition(topic, partition), _KAFKA_TIMEOUT_S
+                )
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.code() in _ABSENT:
+                    break  # no changelog yet: empty state
+                transient = error.retriable() or error.code() in _LEADER_MOVING
+                if transient and time.monotonic() < deadline:
+                    time.sleep(_RESTORE_POLL_S)
+                    continue
+                found.append(partition)
+                break
+            if high > low:
+                found.append(partition)
+            break
+    return found
+
+
+_WATERMARK_PATIENCE_S = 2.0
+_LEADER_MOVING = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
 
 
 def _headers(

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 
+import confluent_kafka
 import orjson
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -16,6 +17,8 @@ from confluent_kafka.admin._config import ConfigResource
 
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
+from consumers.pipeline.service import _partitions_with_records, _read_changelog
+from tests.fixtures.kafka import unique_topic
 from tests.fixtures.pipeline import Out, PipelineRig, Raw
 from tests.fixtures.samples import login_body
 
@@ -251,3 +254,51 @@ def test_a_changelog_with_fewer_partitions_than_the_input_stops_with_a_clear_err
 
     assert running.process.wait(timeout=60) == 1
     assert f"the changelog topic {changelog} has 1 partitions" in running.logs()
+
+
+def test_a_restore_reads_the_committed_entries_and_skips_partitions_that_hold_none(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_topic("changelog")
+    settings = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic_partitions=3)
+    asyncio.run(ensure_topics(settings, [TopicSpec(topic)]))
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_topic("restore")}
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for n in range(3):
+        producer.produce(topic, b"value-%d" % n, b"key-%d" % n, partition=0)
+    producer.produce(topic, None, b"key-1", partition=0)  # a tombstone is an entry too
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    producer.produce(topic, b"aborted", b"key-a", partition=1)
+    producer.flush(30)
+    producer.abort_transaction(30)
+    config = {
+        "bootstrap.servers": kafka_bootstrap,
+        "group.id": unique_topic("restore"),
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+    }
+
+    reader = confluent_kafka.Consumer(config)
+    try:
+        assert _partitions_with_records(reader, topic, [0, 1, 2]) == [0, 1]
+        assert _partitions_with_records(reader, unique_topic("absent"), [0]) == []
+    finally:
+        reader.close()
+    entries = _read_changelog(config, topic, [0, 1, 2])
+
+    assert entries == {
+        0: [
+            (b"key-0", b"value-0"),
+            (b"key-1", b"value-1"),
+            (b"key-2", b"value-2"),
+            (b"key-1", None),
+        ],
+        1: [],  # only an aborted transaction's record: nothing committed to restore
+        2: [],
+    }
+    assert _read_changelog(config, unique_topic("absent"), [0, 1]) == {0: [], 1: []}
