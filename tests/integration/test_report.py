@@ -21,6 +21,7 @@ from bridge.settings import KafkaSettings
 from consumers.counts import TopicCount, count_topic
 from consumers.report import Report, add_arguments, format_text, read_report, render_chart, run
 from consumers.sinks.analytics.duckdb_store import DuckDBPort
+from consumers.sinks.analytics.metrics import AnalyticsMetrics
 from consumers.sinks.analytics.store import Position
 from consumers.sinks.contacts import Contact
 from consumers.sinks.outbox import CrmStore
@@ -248,7 +249,8 @@ async def test_a_busy_duckdb_writer_hands_the_file_to_a_waiting_reader(tmp_path:
     # A batch every 20 ms never leaves the writer idle for its 1 s: without the hand-over, the
     # reader's ten seconds of retries would all find the file locked.
     path = tmp_path / "a.duckdb"
-    writer = DuckDBPort(path, idle_release_s=1.0)
+    metrics = AnalyticsMetrics()
+    writer = DuckDBPort(path, idle_release_s=1.0, on_hand_over=metrics.hand_overs.inc)
     await writer.connect()
     await writer.execute("CREATE TABLE t (n INTEGER)")
     written = 0
@@ -286,6 +288,8 @@ async def test_a_busy_duckdb_writer_hands_the_file_to_a_waiting_reader(tmp_path:
     assert reader.returncode == 0, err.decode()
     assert 0 < int(out) <= written_when_read  # the reader saw committed batches
     assert writer.hand_overs >= 1
+    exported = metrics.registry.get_sample_value("wifi_sink_analytics_file_hand_overs_total")
+    assert exported == writer.hand_overs  # what the sink's /metrics shows
     assert written > written_when_read  # and the writer took the file back and went on
     assert await writer.fetch("SELECT count(*) FROM t") == [(written,)]
     await writer.close()

@@ -61,7 +61,12 @@ class DuckDBPort:
     transient_errors: tuple[type[BaseException], ...] = (duckdb.Error, OSError)
 
     def __init__(
-        self, path: Path | str, *, read_only: bool = False, idle_release_s: float | None = None
+        self,
+        path: Path | str,
+        *,
+        read_only: bool = False,
+        idle_release_s: float | None = None,
+        on_hand_over: Callable[[], object] | None = None,
     ) -> None:
         if idle_release_s is not None and idle_release_s <= 0:
             raise ValueError("idle_release_s must be positive")
@@ -77,6 +82,7 @@ class DuckDBPort:
         self._handed_over_at = time.time()
         self.hand_overs = 0
         """How often this writer closed the file for a waiting process."""
+        self._on_hand_over = on_hand_over
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -140,6 +146,8 @@ class DuckDBPort:
         """Close the file for a waiting process, then take it back once it lets go."""
         self._handed_over_at = time.time()
         self.hand_overs += 1
+        if self._on_hand_over is not None:
+            self._on_hand_over()
         await self.reset()
         await asyncio.sleep(HAND_OVER_S)
         for attempt in range(_REOPEN_ATTEMPTS):

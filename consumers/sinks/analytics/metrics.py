@@ -80,5 +80,12 @@ class AnalyticsMetrics:
             registry=r,
         )
 
+        self.hand_overs = Counter(
+            "wifi_sink_analytics_file_hand_overs",
+            "Times the DuckDB writer closed its file between batches for a process waiting to "
+            "read it (wifi-bridge report or replay, a duckdb session that touched the mark)",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

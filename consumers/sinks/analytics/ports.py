@@ -6,6 +6,8 @@ replay`` and ``wifi-bridge report``; the database driver of the other kind is no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from consumers.sinks.analytics.settings import parse_store_url
 from consumers.sinks.analytics.store import SqlPort
 
@@ -23,10 +25,12 @@ def sql_port(
     read_only: bool = False,
     statement_timeout_ms: int = 60_000,
     idle_release_s: float | None = None,
+    on_hand_over: Callable[[], object] | None = None,
 ) -> SqlPort:
     """The port of ``url`` (nothing opened yet).
 
-    ``statement_timeout_ms`` applies to PostgreSQL; ``read_only`` and ``idle_release_s`` to a
+    ``statement_timeout_ms`` applies to PostgreSQL; ``read_only``, ``idle_release_s`` and
+    ``on_hand_over`` (called each time the writer closes the file for a waiting reader) to a
     DuckDB file (see :class:`~consumers.sinks.analytics.duckdb_store.DuckDBPort`). A URL that
     is not one the sink takes raises :class:`~bridge.errors.ConfigError` naming ANALYTICS_URL.
     """
@@ -38,4 +42,9 @@ def sql_port(
     from consumers.sinks.analytics.duckdb_store import DuckDBPort
 
     assert store.path is not None
-    return DuckDBPort(store.path, read_only=read_only, idle_release_s=idle_release_s)
+    return DuckDBPort(
+        store.path,
+        read_only=read_only,
+        idle_release_s=idle_release_s,
+        on_hand_over=on_hand_over,
+    )

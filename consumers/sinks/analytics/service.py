@@ -58,7 +58,7 @@ _KAFKA_COMMIT_TIMEOUT_S = 5.0
 _CLAIM_CHECK_S = 5.0
 
 
-def build_store(settings: AnalyticsSettings) -> AnalyticsStore:
+def build_store(settings: AnalyticsSettings, metrics: AnalyticsMetrics) -> AnalyticsStore:
     """The store ``ANALYTICS_URL`` names (nothing is opened yet)."""
     sql = sql_port(
         settings.store.url,
@@ -66,6 +66,7 @@ def build_store(settings: AnalyticsSettings) -> AnalyticsStore:
         # A DuckDB file is released after a second without batches, so readers
         # (wifi-bridge report, wifi-bridge replay) get in.
         idle_release_s=1.0,
+        on_hand_over=metrics.hand_overs.inc,
     )
     return AnalyticsStore(sql, group_id=settings.group_id)
 
@@ -499,7 +500,7 @@ async def serve(
             loop.add_signal_handler(signum, stop.set)
     metrics = metrics if metrics is not None else AnalyticsMetrics()
     runner = await _metrics_server(settings, metrics)
-    store = build_store(settings)
+    store = build_store(settings, metrics)
     sink = AnalyticsSink(settings=settings, store=store, metrics=metrics, stop=stop)
     log.info(
         "analytics sink starting",
