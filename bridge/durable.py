@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from bridge.errors import PublishError
+from bridge.errors import BatchRefused, PublishError, RecordRefused
 from bridge.metrics import BridgeMetrics
 from bridge.publisher import Headers, Publisher
 from bridge.rdkafka import RdKafkaPublisher
@@ -120,9 +120,16 @@ class DurablePublisher:
                 await kafka.publish(
                     topic, key=key, value=value, headers=headers, timeout_s=timeout_s
                 )
+            except RecordRefused as exc:
+                # About this record alone: Kafka is fine, and the spool would only hold it back.
+                log.info(
+                    "Kafka refuses a record for good", extra={"topic": topic, "error": exc.code}
+                )
+                raise
             except PublishError as exc:
                 reason = str(exc)
-                self._note_failure(kafka, exc)
+                if not isinstance(exc, BatchRefused):  # the broker answered: not wedged
+                    self._note_failure(kafka, exc)
             else:
                 self._failures = 0
                 self._spooling_logged = False
@@ -240,25 +247,29 @@ class DurablePublisher:
                 await asyncio.sleep(delay)
 
     async def _drain(self, kafka: Publisher, entries: list[SpooledEntry]) -> bool:
-        """Publish one batch in order; acknowledge what Kafka acknowledged. True if all were."""
+        """Publish one batch in order; acknowledge what Kafka acknowledged. True if all were.
+
+        A record Kafka refuses for good is set aside, so it can never stop the drain.
+        """
         started = time.monotonic()
         results = await asyncio.gather(
-            *(
-                kafka.publish(
-                    e.record.topic,
-                    key=e.record.key or b"",
-                    value=e.record.value,
-                    headers=list(e.record.headers),
-                    timeout_s=self._drain_timeout_s,
-                )
-                for e in entries
-            ),
-            return_exceptions=True,
+            *(self._send(kafka, e) for e in entries), return_exceptions=True
         )
+        # A refused batch held the record at fault and maybe others that only shared it; sent
+        # alone (nothing else of the drain is in flight now), each record tells. (Records of a
+        # later batch may be in Kafka by then: a refused batch's neighbours lose their order.)
+        for i, (entry, result) in enumerate(zip(entries, results, strict=True)):
+            if isinstance(result, BatchRefused):
+                results[i] = await self._send_alone(kafka, entry)
         delivered = [e for e, result in zip(entries, results, strict=True) if result is None]
         await self._spool.acknowledge(delivered)
         self._metrics.drained_records.inc(len(delivered))
-        failures = [r for r in results if r is not None]
+        for entry, result in zip(entries, results, strict=True):
+            if isinstance(result, RecordRefused):
+                await self._set_aside(entry, result)
+            elif result is not None:
+                break  # what follows is read again after the rewind
+        failures = [r for r in results if r is not None and not isinstance(r, RecordRefused)]
         if not failures:
             self._failures = 0
             log.info(
@@ -274,3 +285,37 @@ class DurablePublisher:
         )
         self._note_failure(kafka, error)
         return False
+
+    async def _send(self, kafka: Publisher, entry: SpooledEntry) -> None:
+        record = entry.record
+        await kafka.publish(
+            record.topic,
+            key=record.key or b"",
+            value=record.value,
+            headers=list(record.headers),
+            timeout_s=self._drain_timeout_s,
+        )
+
+    async def _send_alone(self, kafka: Publisher, entry: SpooledEntry) -> BaseException | None:
+        try:
+            await self._send(kafka, entry)
+        except BatchRefused as exc:
+            return exc.refusal  # refused alone: the record is the cause
+        except Exception as exc:
+            return exc
+        return None
+
+    async def _set_aside(self, entry: SpooledEntry, refusal: RecordRefused) -> None:
+        saved_as = await self._spool.set_aside(entry, reason=refusal.code)
+        self._metrics.refused_records.labels(reason=refusal.code).inc()
+        log.warning(
+            "Kafka refuses a spooled record for good; set aside, draining on",
+            extra={
+                "topic": entry.record.topic,
+                "segment_id": entry.segment_id,
+                "offset": entry.offset,
+                "reason": refusal.code,
+                "error": refusal.message,
+                "saved_as": str(saved_as) if saved_as else None,
+            },
+        )

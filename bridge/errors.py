@@ -70,9 +70,38 @@ class Forbidden(RequestError):
     code = "forbidden"
 
 
+class RecordRefused(RequestError):
+    """Kafka refuses this one record for good (its content): neither a retry nor the spool can
+    get it in, and it says nothing about Kafka's health."""
+
+    http_status = 422
+    code = "record_refused"
+
+
+class RecordTooLarge(RecordRefused):
+    """The record (body, key and headers) is larger than Kafka takes."""
+
+    http_status = 413
+    code = "record_too_large"
+
+
 class PublishError(WifiBridgeError):
     """Kafka did not acknowledge a record in time; the sender may try again later."""
 
     http_status = 503
     code = "kafka_unavailable"
     retryable = True
+
+
+class BatchRefused(PublishError):
+    """The broker refused the batch a record travelled in, for its size or its content.
+
+    The record may be the cause, or only have shared the batch with it: published alone it
+    tells, and ``refusal`` is what it is refused with then if it is the cause.
+    """
+
+    code = "batch_refused"
+
+    def __init__(self, message: str, *, refusal: RecordRefused) -> None:
+        super().__init__(message)
+        self.refusal = refusal

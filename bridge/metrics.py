@@ -83,6 +83,12 @@ class BridgeMetrics:
             "Spooled records published to Kafka and acknowledged (rate: the drain rate)",
             registry=r,
         )
+        self.refused_records = Counter(
+            "wifi_bridge_spool_refused_records",
+            "Spooled records Kafka refused for good, even alone; set aside under corrupt/",
+            ["reason"],
+            registry=r,
+        )
         self.producer_rebuilds = Counter(
             "wifi_bridge_producer_rebuilds",
             "Kafka producers rebuilt because they failed while the broker answered",

@@ -8,14 +8,17 @@ import time
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
-from bridge.errors import PublishError
+from bridge.errors import BatchRefused, PublishError, RecordTooLarge
 from bridge.kafka import client_options
 from bridge.metrics import BridgeMetrics
 from bridge.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+#: Broker errors about a batch's size, which no retry changes.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -102,18 +105,30 @@ class KafkaPublisher:
         if producer is None:
             raise PublishError("not connected to Kafka")
         started = time.perf_counter()
+        sent = False
         try:
             async with asyncio.timeout(timeout_s):
                 # The delivery future is safe to abandon on timeout: aiokafka skips
                 # futures that are already done when the batch completes.
                 delivery = await producer.send(topic, value=value, key=key, headers=headers)
+                sent = True
                 await delivery
         except TimeoutError:
             self._metrics.publish_errors.labels(topic=topic, error="Timeout").inc()
             raise PublishError(f"Kafka did not acknowledge within {timeout_s:.1f} s") from None
         except KafkaError as exc:
-            self._metrics.publish_errors.labels(topic=topic, error=type(exc).__name__).inc()
-            raise PublishError(f"Kafka refused the record: {type(exc).__name__}") from exc
+            name = type(exc).__name__
+            self._metrics.publish_errors.labels(topic=topic, error=name).inc()
+            if isinstance(exc, _TOO_LARGE):
+                refusal = RecordTooLarge(
+                    f"Kafka refuses a record this large (body, key and headers): {name}"
+                )
+                if not sent:  # send() checks the record alone, before it joins a batch
+                    raise refusal from None
+                raise BatchRefused(
+                    f"Kafka refused the batch the record was in: {name}", refusal=refusal
+                ) from None
+            raise PublishError(f"Kafka refused the record: {name}") from exc
         self._metrics.ack_latency.observe(time.perf_counter() - started)
 
     async def ping(self, *, timeout_s: float) -> bool:

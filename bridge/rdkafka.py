@@ -19,12 +19,22 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from bridge.errors import PublishError
+from bridge.errors import (
+    BatchRefused,
+    PublishError,
+    RecordRefused,
+    RecordTooLarge,
+    WifiBridgeError,
+)
 from bridge.metrics import BridgeMetrics
 from bridge.publisher import Headers
 from bridge.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+#: Errors about a record itself, which no retry changes.
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+_INVALID = frozenset({KafkaError.INVALID_RECORD})
 
 
 def producer_config(settings: KafkaSettings, *, linger_ms: int) -> dict[str, Any]:
@@ -179,17 +189,17 @@ class RdKafkaPublisher:
             self._metrics.publish_errors.labels(topic=topic, error="QueueFull").inc()
             raise PublishError("the producer's queue is full") from None
         except KafkaException as exc:
-            name = _error_name(exc)
-            self._metrics.publish_errors.labels(topic=topic, error=name).inc()
-            raise PublishError(f"Kafka refused the record: {name}") from None
+            # Refused before it was queued: whatever the reason, it is about this record alone.
+            self._metrics.publish_errors.labels(topic=topic, error=_error_name(exc)).inc()
+            raise _failure(exc, alone=True) from None
         self._waiting.append((started + timeout_s, topic, delivered))
         self._work.set()
         try:
             await delivered
         except KafkaException as exc:
-            name = _error_name(exc)
-            self._metrics.publish_errors.labels(topic=topic, error=name).inc()
-            raise PublishError(f"Kafka refused the record: {name}") from None
+            # The broker answers for a whole batch, which other records may have shared.
+            self._metrics.publish_errors.labels(topic=topic, error=_error_name(exc)).inc()
+            raise _failure(exc, alone=False) from None
         self._metrics.ack_latency.observe(loop.time() - started)
 
     async def ping(self, *, timeout_s: float) -> bool:
@@ -255,6 +265,26 @@ def _settle(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> No
             delivered.set_result(None)
         else:
             delivered.set_exception(KafkaException(err))
+
+
+def _failure(exc: KafkaException, *, alone: bool) -> WifiBridgeError:
+    """What a failed publish means: a refusal of this record (``alone``), or of its batch, or
+    a failure that trying again may cure."""
+    err = exc.args[0] if exc.args else None
+    code = err.code() if isinstance(err, KafkaError) else None
+    name = _error_name(exc)
+    refusal: RecordRefused
+    if code in _TOO_LARGE:
+        refusal = RecordTooLarge(
+            f"Kafka refuses a record this large (body, key and headers): {name}"
+        )
+    elif code in _INVALID:
+        refusal = RecordRefused(f"Kafka refuses the record: {name}")
+    else:
+        return PublishError(f"Kafka refused the record: {name}")
+    if alone:
+        return refusal
+    return BatchRefused(f"Kafka refused the batch the record was in: {name}", refusal=refusal)
 
 
 def _error_name(exc: KafkaException) -> str:

@@ -530,6 +530,21 @@ def _set_aside(fd: int, segment_id: int, gap: Gap, corrupt_dir: Path, *, fsync: 
     return incident(path, new=True)
 
 
+def _set_aside_record(
+    path: Path, segment_id: int, span: Gap, corrupt_dir: Path, *, fsync: bool
+) -> _Incident:
+    """:func:`_set_aside` for the bytes of a valid record, given its segment's path."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc.strerror}"
+        return _Incident(segment_id, span.start, span.end, span.reason, None, True, error)
+    try:
+        return _set_aside(fd, segment_id, span, corrupt_dir, fsync=fsync)
+    finally:
+        os.close(fd)
+
+
 def _read_checkpoint(directory: Path) -> SpoolPosition | None:
     """The committed position on disk, or ``None`` when absent or unreadable (resend is safe)."""
     try:
@@ -1277,6 +1292,33 @@ class Spool:
                 if item is not None:
                     item.acked = True
             await self._settle()
+
+    async def set_aside(self, entry: SpooledEntry, *, reason: str) -> Path | None:
+        """Take a record Kafka refuses for good out of the drain, and acknowledge it.
+
+        Its frame is copied whole into ``corrupt/`` (named like damage, with ``reason``), where
+        :func:`decode_frame` reads it back. Returns that file, or ``None`` when the copy failed
+        (logged): the record is acknowledged either way, so a refused record never stops the
+        drain.
+        """
+        self._require_open()
+        gap = Gap(entry.offset, entry.end_offset, reason)
+        path = self._directory / _segment_name(entry.segment_id)
+        incident = await asyncio.to_thread(
+            _set_aside_record, path, entry.segment_id, gap, self._corrupt_dir, fsync=self._fsync
+        )
+        if incident.saved_as is None:
+            log.warning(
+                "could not copy a refused spool record aside; it is dropped",
+                extra={
+                    "segment_id": entry.segment_id,
+                    "offset": entry.offset,
+                    "reason": reason,
+                    "error": incident.error,
+                },
+            )
+        await self.acknowledge([entry])
+        return incident.saved_as
 
     async def rewind(self) -> None:
         """Move the read cursor back to the committed position (after a failed publish)."""

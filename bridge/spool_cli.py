@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from bridge.errors import PublishError, WifiBridgeError
+from bridge.errors import BatchRefused, PublishError, RecordRefused, WifiBridgeError
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.metrics import BridgeMetrics
 from bridge.rdkafka import RdKafkaPublisher
@@ -61,7 +61,7 @@ async def drain(
     except WifiBridgeError as exc:
         out.write(f"cannot reach Kafka: {exc}\n")
         return 1
-    drained = 0
+    drained = refused = 0
     known_topics: set[str] = set()
     started = last_report = time.monotonic()
     try:
@@ -71,17 +71,30 @@ async def drain(
                 if new_topics:  # as the bridge would have (KAFKA_CREATE_TOPICS)
                     await ensure_topics(kafka, [TopicSpec(t) for t in sorted(new_topics)])
                     known_topics |= new_topics
+                delivered = []
                 for entry in entries:
                     record = entry.record
-                    await publisher.publish(
-                        record.topic,
-                        key=record.key or b"",
-                        value=record.value,
-                        headers=list(record.headers),
-                        timeout_s=timeout_s,
-                    )
-                await spool.acknowledge(entries)
-                drained += len(entries)
+                    try:
+                        # One at a time: a refused batch held only this record.
+                        await publisher.publish(
+                            record.topic,
+                            key=record.key or b"",
+                            value=record.value,
+                            headers=list(record.headers),
+                            timeout_s=timeout_s,
+                        )
+                    except (RecordRefused, BatchRefused) as exc:
+                        refusal = exc.refusal if isinstance(exc, BatchRefused) else exc
+                        saved_as = await spool.set_aside(entry, reason=refusal.code)
+                        refused += 1
+                        out.write(
+                            f"  Kafka refuses a record for good ({refusal.message}); "
+                            f"set aside as {saved_as or '(copy failed)'}\n"
+                        )
+                        continue
+                    delivered.append(entry)
+                await spool.acknowledge(delivered)
+                drained += len(delivered)
                 now = time.monotonic()
                 if now - last_report >= _PROGRESS_EVERY_S:
                     rate = drained / (now - started)
@@ -96,6 +109,6 @@ async def drain(
     elapsed = time.monotonic() - started
     out.write(
         f"drained {drained} records in {elapsed:.1f} s; {left.records} left, "
-        f"{left.corrupt_records} corrupt set aside\n"
+        f"{left.corrupt_records} corrupt and {refused} refused set aside\n"
     )
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.spool import Spool, SpoolRecord, read_stats
+from bridge.spool import Spool, SpoolRecord, decode_frame, read_stats
 from tests.fixtures.kafka import consume, unique_topic
 
 pytestmark = pytest.mark.kafka
@@ -78,3 +78,27 @@ def test_status_of_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     result = wifi_bridge("spool", "status", str(tmp_path / "nope"))
     assert result.returncode == 1
     assert "nope" in result.stderr
+
+
+async def test_drain_sets_a_record_kafka_refuses_aside_and_publishes_the_rest(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic = unique_topic("drained")
+    directory = tmp_path / "left-behind"
+    values = [b'{"n":0}', b'{"pad":"' + b"x" * 1_000_000 + b'"}', b'{"n":2}']
+    async with Spool(directory=directory) as spool:
+        for value in values:
+            record = SpoolRecord(topic=topic, key=b"k", value=value, headers=[], spooled_at_ms=1)
+            await spool.append(record)
+
+    drained = await asyncio.to_thread(
+        wifi_bridge, "spool", "drain", str(directory), "--kafka-bootstrap-servers", kafka_bootstrap
+    )
+    assert drained.returncode == 0, drained.stderr
+    assert "MSG_SIZE_TOO_LARGE" in drained.stderr
+    assert "1 refused set aside" in drained.stderr
+    records = await consume(kafka_bootstrap, topic, count=2, settle_s=1.0)
+    assert [r.value for r in records] == [values[0], values[2]]  # one key: in order
+    (saved,) = (directory / "corrupt").iterdir()
+    assert decode_frame(saved.read_bytes()).value == values[1]
+    assert read_stats(directory).records == 0

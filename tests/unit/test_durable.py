@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from bridge.durable import DurablePublisher
-from bridge.errors import PublishError
+from bridge.errors import BatchRefused, PublishError, RecordTooLarge
 from bridge.metrics import BridgeMetrics
 from bridge.publisher import Headers, Publisher
-from bridge.spool import Spool
+from bridge.spool import Spool, decode_frame
 
 
 class ScriptedProducer:
@@ -68,8 +68,8 @@ def durable(
     return DurablePublisher(connect=connect, spool=spool, metrics=metrics), metrics
 
 
-def sample(metrics: BridgeMetrics, name: str) -> float | None:
-    return metrics.registry.get_sample_value(name)
+def sample(metrics: BridgeMetrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
 
 
 async def publish(publisher: DurablePublisher, n: int) -> None:
@@ -197,5 +197,80 @@ async def test_metrics_say_whether_kafka_is_connected_without_a_readiness_probe(
             producer.stopped = True  # the producer is gone: no longer connected
             text = await (await client.get("/metrics")).text()
             assert "wifi_bridge_kafka_ready 0.0" in text
+    finally:
+        await publisher.stop()
+
+
+class SizeLimitedProducer(ScriptedProducer):
+    """Refuses a record over ``limit_bytes`` as librdkafka does: at once when it is produced
+    (``local``), or as the broker does, with every record that shared its batch (records
+    published within the same 10 ms)."""
+
+    def __init__(self, *, limit_bytes: int, local: bool) -> None:
+        super().__init__(fails=False)
+        self.limit_bytes = limit_bytes
+        self.local = local
+        self._batch: list[bytes] | None = None
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        if self.fails:
+            raise PublishError("Kafka did not acknowledge within the budget")
+        if self.local and len(value) > self.limit_bytes:
+            raise RecordTooLarge("Kafka refuses a record this large: MSG_SIZE_TOO_LARGE")
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = []
+        batch.append(value)
+        await asyncio.sleep(0.01)  # the batch fills, then goes
+        self._batch = None
+        if any(len(v) > self.limit_bytes for v in batch):
+            refusal = RecordTooLarge("Kafka refuses a record this large: MSG_SIZE_TOO_LARGE")
+            raise BatchRefused("Kafka refused the batch: MSG_SIZE_TOO_LARGE", refusal=refusal)
+        self.published.append(value)
+
+
+async def test_a_record_kafka_refuses_alone_is_answered_with_the_refusal_and_never_spooled(
+    tmp_path: Path,
+) -> None:
+    producer = SizeLimitedProducer(limit_bytes=100, local=True)
+    publisher, metrics = durable(tmp_path, [producer])
+    await publisher.start()
+    try:
+        await settle(lambda: publisher.connected)
+        with pytest.raises(RecordTooLarge):
+            await publisher.publish("raw", key=b"k", value=b"x" * 101, headers=[], timeout_s=1)
+        assert sample(metrics, "wifi_bridge_spool_records") == 0
+        await publish(publisher, 1)  # Kafka is fine: the next record goes straight in
+        assert producer.published == [b"1"]
+        assert sample(metrics, "wifi_bridge_spooled_records_total") == 0
+    finally:
+        await publisher.stop()
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["refused-at-once", "batch-refused"])
+async def test_a_spooled_record_kafka_refuses_is_set_aside_and_the_drain_goes_on(
+    tmp_path: Path, local: bool
+) -> None:
+    producer = SizeLimitedProducer(limit_bytes=100, local=local)
+    producer.fails = True  # Kafka is down while the records arrive: all of them are spooled
+    publisher, metrics = durable(tmp_path, [producer])
+    await publisher.start()
+    values = [b"0", b"1", b"x" * 101, b"3", b"4"]
+    try:
+        await settle(lambda: publisher.connected)
+        for value in values:
+            await publisher.publish("raw", key=b"k", value=value, headers=[], timeout_s=0.1)
+        producer.fails = False
+        await settle(lambda: sample(metrics, "wifi_bridge_spool_records") == 0)
+        assert producer.published == [b"0", b"1", b"3", b"4"]
+        reason = {"reason": "record_too_large"}
+        assert sample(metrics, "wifi_bridge_spool_refused_records_total", reason) == 1
+        (saved,) = (tmp_path / "spool" / "corrupt").iterdir()
+        assert saved.name.endswith("_record_too_large.bin")
+        assert decode_frame(saved.read_bytes()).value == b"x" * 101
+        await publish(publisher, 5)  # the spool caught up: straight to Kafka again
+        assert producer.published[-1] == b"5"
     finally:
         await publisher.stop()
