@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
@@ -85,8 +85,9 @@ class Contact:
 
     @property
     def last_visit_iso(self) -> str:
-        stamp = datetime.fromtimestamp(self.last_visit_ms // 1000, tz=UTC)
-        return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{self.last_visit_ms % 1000:03d}Z"
+        """``last_visit_ms`` as ``YYYY-MM-DDTHH:MM:SS.mmmZ``, four-digit year before 1000 too."""
+        stamp = _EPOCH + timedelta(milliseconds=self.last_visit_ms)
+        return stamp.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,10 @@ class Plan:
 #: How far a login's time may lie after the bridge received its webhook: the sender's and the
 #: bridge's clocks may disagree a little, a login cannot come after its own webhook.
 MAX_CLOCK_SKEW_MS: Final = 3_600_000
+#: The largest visit count a contact carries: a signed 64-bit integer, what JSON encoders, the
+#: outbox and a CRM's number property take. A larger sum is a broken record, not a count.
+MAX_VISIT_COUNT: Final = 2**63 - 1
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def login_from_record(record: Mapping[str, Any], *, ref: int = 0) -> Login:
@@ -292,7 +297,13 @@ def _time_ms(value: Any, name: str) -> int:
         raise UnreadableRecord(f"{name} is not an ISO 8601 time") from None
     if parsed.tzinfo is None:
         raise UnreadableRecord(f"{name} has no UTC offset")
-    return round(parsed.timestamp() * 1000)
+    try:
+        # A contact carries the time in UTC (lastVisitAt): an offset that moves it out of the
+        # years 1-9999 would fail every attempt to send it, and stall the sink on its record.
+        utc = parsed.astimezone(UTC)
+    except OverflowError:
+        raise UnreadableRecord(f"{name} is outside the years 1 to 9999 in UTC") from None
+    return round((utc - _EPOCH) / timedelta(milliseconds=1))
 
 
 def _visit_count(value: Any) -> int | None:
@@ -305,4 +316,7 @@ def _visit_count(value: Any) -> int | None:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise UnreadableRecord("visitCounts has a count that is not a whole number >= 0")
         total += count
+    if total > MAX_VISIT_COUNT:
+        # Encoded as JSON (webhook, outbox) it would fail every attempt and stall the sink.
+        raise UnreadableRecord("visitCounts adds up to more than a 64-bit count")
     return total

@@ -6,6 +6,7 @@ import itertools
 import random
 from typing import Any
 
+import orjson
 import pytest
 
 from consumers.sinks.contacts import (
@@ -14,9 +15,12 @@ from consumers.sinks.contacts import (
     SyncMark,
     UnreadableRecord,
     chunks,
+    contact_of,
     login_from_record,
     plan_upserts,
 )
+from consumers.sinks.hubspot import contact_properties
+from consumers.sinks.webhook import contact_json
 from tests.fixtures.canonical import DAY_MS, HOUR_MS, canonical_login, documented_sample_record
 
 DAY = 86_400_000
@@ -202,3 +206,53 @@ def test_a_login_time_after_its_webhook_arrived_is_unreadable_not_synced() -> No
 
     record["authenticationTime"] = "2026-11-29T10:59:00.000Z"  # within the clocks' skew
     assert login_from_record(record).event_ms > 0
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "9999-12-31T23:59:59-05:00",  # 10000-01-01 in UTC
+        "0001-01-01T00:00:00+05:00",  # year 0 in UTC
+    ],
+)
+def test_a_login_time_outside_the_years_1_to_9999_in_utc_is_unreadable_not_a_crash(
+    moment: str,
+) -> None:
+    record = canonical_login(email="ann@example.com")
+    record["authenticationTime"] = moment
+    record["receivedAt"] = None
+    with pytest.raises(UnreadableRecord, match="authenticationTime"):
+        login_from_record(record)
+
+
+def test_a_visit_count_beyond_64_bits_is_unreadable_not_a_crash() -> None:
+    record = canonical_login(email="ann@example.com")
+    record["visitCounts"] = {str(venue): 999_999_999_999_999_999 for venue in range(20)}
+    with pytest.raises(UnreadableRecord, match="visitCounts"):
+        login_from_record(record)
+    record["visitCounts"] = {"1": 2**63 - 1}
+    assert login_from_record(record).visit_count == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("moment", "shown"),
+    [
+        ("0001-01-01T00:00:00.000Z", "0001-01-01T00:00:00.000Z"),
+        ("0999-06-01T12:00:00.250Z", "0999-06-01T12:00:00.250Z"),
+        ("9999-12-31T23:59:59.999Z", "9999-12-31T23:59:59.999Z"),
+        ("2026-11-01T10:00:00.007+01:00", "2026-11-01T09:00:00.007Z"),
+    ],
+)
+def test_every_readable_login_gives_a_contact_each_target_can_encode(
+    moment: str, shown: str
+) -> None:
+    record = canonical_login(email="ann@example.com")
+    record["authenticationTime"] = moment
+    record["receivedAt"] = None
+    record["visitCounts"] = {"1": 2**63 - 1}
+    contact = contact_of(login_from_record(record))
+    assert contact.last_visit_iso == shown
+    encoded = orjson.loads(orjson.dumps(contact_json(contact)))  # the webhook's and the outbox's
+    assert encoded["lastVisitAt"] == shown
+    assert encoded["visitCount"] == 2**63 - 1
+    assert contact_properties(contact)["wifi_last_visit_at"] == str(contact.last_visit_ms)
