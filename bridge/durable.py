@@ -233,18 +233,40 @@ class DurablePublisher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=_backoff(attempt))
                 continue
-            entries = await self._spool.read_batch(self._drain_batch_records)
-            if not entries:
-                self._backlog = False  # caught up: new records may go straight to Kafka
-                self._spooling_logged = False
-                continue
-            if await self._drain(kafka, entries):
+            delay = _backoff(attempt)
+            try:
+                drained = await self._drain_next(kafka)
+            except SpoolUnavailable as exc:
+                # A segment that cannot be read now (an I/O error, a volume being remounted):
+                # its records stay where they are, and the drainer stays to try again.
+                self._metrics.drain_errors.labels(error=exc.code).inc()
+                log.warning(
+                    "cannot read the spool, retrying",
+                    extra={"error": exc.message, "retry_in_s": delay},
+                )
+                drained = False
+            except Exception:
+                # A bug must not leave the spool undrained until the next restart either.
+                self._metrics.drain_errors.labels(error="internal_error").inc()
+                log.exception("the spool drainer failed, retrying", extra={"retry_in_s": delay})
+                drained = False
+            if drained:
                 attempt = 0
-            else:
+                continue
+            # What was read and not acknowledged is read again, in order.
+            with contextlib.suppress(SpoolUnavailable):
                 await self._spool.rewind()
-                delay = _backoff(attempt)
-                attempt += 1
-                await asyncio.sleep(delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _drain_next(self, kafka: Publisher) -> bool:
+        """Read the next batch and publish it; False when it has to be tried again."""
+        entries = await self._spool.read_batch(self._drain_batch_records)
+        if not entries:
+            self._backlog = False  # caught up: new records may go straight to Kafka
+            self._spooling_logged = False
+            return True
+        return await self._drain(kafka, entries)
 
     async def _drain(self, kafka: Publisher, entries: list[SpooledEntry]) -> bool:
         """Publish one batch in order; acknowledge what Kafka acknowledged. True if all were.

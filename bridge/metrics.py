@@ -83,6 +83,12 @@ class BridgeMetrics:
             "Spooled records published to Kafka and acknowledged (rate: the drain rate)",
             registry=r,
         )
+        self.drain_errors = Counter(
+            "wifi_bridge_spool_drain_errors",
+            "Times the spool drainer could not read or acknowledge the spool and retried",
+            ["error"],
+            registry=r,
+        )
         self.refused_records = Counter(
             "wifi_bridge_spool_refused_records",
             "Spooled records Kafka refused for good, even alone; set aside under corrupt/",

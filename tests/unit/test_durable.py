@@ -274,3 +274,29 @@ async def test_a_spooled_record_kafka_refuses_is_set_aside_and_the_drain_goes_on
         assert producer.published[-1] == b"5"
     finally:
         await publisher.stop()
+
+
+async def test_a_spool_that_cannot_be_read_for_a_while_is_drained_once_it_can(
+    tmp_path: Path,
+) -> None:
+    producer = ScriptedProducer(fails=True, broker_answers=False)
+    publisher, metrics = durable(tmp_path, [producer])
+    await publisher.start()
+    try:
+        await settle(lambda: publisher.connected)
+        for n in range(3):
+            await publish(publisher, n)
+        # The segment is unreadable: in its place a directory, which read() answers with EISDIR.
+        (segment,) = (tmp_path / "spool").glob("*.seg")
+        moved = segment.rename(tmp_path / "moved.seg")
+        segment.mkdir()
+        producer.fails, producer.broker_answers = False, True
+        errors = {"error": "spool_unavailable"}
+        await settle(lambda: sample(metrics, "wifi_bridge_spool_drain_errors_total", errors))
+        assert producer.published == []
+        segment.rmdir()
+        moved.rename(segment)
+        await settle(lambda: producer.published == [b"0", b"1", b"2"], timeout_s=20)
+        await settle(lambda: sample(metrics, "wifi_bridge_spool_records") == 0)
+    finally:
+        await publisher.stop()
