@@ -139,6 +139,10 @@ class CrmSettings:
             log_level=config.log_level(values, "CRM_LOG_LEVEL"),
             log_format=config.text(values, "CRM_LOG_FORMAT"),
         )
+        if settings.topic_dlq in settings.topics:
+            # The sink would read its own dead letters: an unreadable record, dead-lettered
+            # again each time it is read back, would go round for ever.
+            raise ConfigError("CRM_TOPIC_DLQ must not be one of CRM_TOPICS")
         if settings.target == "hubspot":
             if not settings.hubspot_token:
                 raise ConfigError("CRM_HUBSPOT_TOKEN is required when CRM_TARGET is hubspot")

@@ -50,6 +50,8 @@ def test_sink_crm_flag_wins_over_environment() -> None:
         ({"CRM_TARGET": "webhook", "CRM_WEBHOOK_URL": "http://x/"}, "CRM_WEBHOOK_SECRET"),
         ({"CRM_HUBSPOT_BASE_URL": "api.hubapi.com"}, "CRM_HUBSPOT_BASE_URL"),
         ({"CRM_TOPICS": " , "}, "CRM_TOPICS"),
+        ({"CRM_TOPIC_DLQ": "wifi.auth.late"}, "CRM_TOPIC_DLQ"),
+        ({"CRM_TOPICS": "a,b", "CRM_TOPIC_DLQ": "b"}, "CRM_TOPIC_DLQ"),
         ({"CRM_MIN_INTERVAL_S": "-1"}, "CRM_MIN_INTERVAL_S"),
         ({"CRM_RATE_LIMIT_REQUESTS": "0"}, "CRM_RATE_LIMIT_REQUESTS"),
         ({"CRM_RETRY_INITIAL_MS": "5000", "CRM_RETRY_MAX_S": "1"}, "CRM_RETRY_INITIAL_MS"),
