@@ -263,9 +263,10 @@ async def test_a_spooled_record_kafka_refuses_is_set_aside_and_the_drain_goes_on
         for value in values:
             await publisher.publish("raw", key=b"k", value=value, headers=[], timeout_s=0.1)
         producer.fails = False
+        reason = {"reason": "record_too_large"}
+        await settle(lambda: sample(metrics, "wifi_bridge_spool_refused_records_total", reason))
         await settle(lambda: sample(metrics, "wifi_bridge_spool_records") == 0)
         assert producer.published == [b"0", b"1", b"3", b"4"]
-        reason = {"reason": "record_too_large"}
         assert sample(metrics, "wifi_bridge_spool_refused_records_total", reason) == 1
         (saved,) = (tmp_path / "spool" / "corrupt").iterdir()
         assert saved.name.endswith("_record_too_large.bin")
