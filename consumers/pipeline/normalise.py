@@ -35,6 +35,9 @@ _VISIT_COUNT_FIELDS: Final = ("visitCountsForVenues", "visitCountForVenues")
 # array without showing one: a guess, kept narrow.
 _ENTRY_VENUE_FIELDS: Final = ("venueId", "id")
 _ENTRY_COUNT_FIELDS: Final = ("count", "visitCount")
+# 18 digits: any real count, far from int()'s digit limit, and within the 64-bit integers
+# orjson writes (a whole float such as 1e20 stands for an integer it cannot write).
+_MAX_COUNT: Final = 10**18 - 1
 _MAX_LATITUDE: Final = 90.0
 _MAX_LONGITUDE: Final = 180.0
 _MIN_MS: Final = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
@@ -280,7 +283,7 @@ def _counts(value: Any, path: str) -> dict[str, int]:
         )
     counts: dict[str, int] = {}
     for venue, count in pairs:
-        if type(venue) is str and type(count) is int and count >= 0:  # the common shape
+        if type(venue) is str and type(count) is int and 0 <= count <= _MAX_COUNT:  # usual
             key = venue.strip()
             if key and key not in counts:
                 counts[key] = count
@@ -312,10 +315,11 @@ def _count(value: Any, path: str) -> int:
     elif isinstance(value, float) and value.is_integer():
         count = int(value)
     elif isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) <= 18:
-        count = int(value.strip())  # 18 digits: any count, and far from int()'s digit limit
-    if count is None or count < 0:
+        count = int(value.strip())
+    if count is None or not 0 <= count <= _MAX_COUNT:
         raise NormalisationError(
-            Reason.BAD_VISIT_COUNTS, f"{path} counts must be whole numbers of at least 0"
+            Reason.BAD_VISIT_COUNTS,
+            f"{path} counts must be whole numbers of at least 0 and at most 18 digits",
         )
     return count
 

@@ -222,6 +222,9 @@ class PartitionPipeline:
                     Reason.FUTURE_AUTHENTICATION_TIME,
                     "session.authenticationTime is more than 5 minutes after the receive time",
                 )
+            # Encoded here, inside the guard: a record orjson cannot write (an integer beyond
+            # 64 bits, say) would otherwise raise out of the partition on every restart.
+            item = _item(raw.key, record, event_ms)
         except NormalisationError as exc:
             return [self._dead_letter(raw, exc.reason, str(exc))]
         except Exception as exc:  # no body may stop its partition
@@ -235,7 +238,6 @@ class PartitionPipeline:
         self.counts.accepted += 1
         seen_ms = self._dedup.clock_ms
         assert seen_ms is not None  # check() just set it
-        item = _item(raw.key, record, event_ms)
         added = self._buffer.add(item, event_ms)
         if added.late:
             self._seen[event_id] = (seen_ms, None, None)

@@ -228,6 +228,13 @@ def test_visit_counts_as_object_or_list_give_counts_by_venue_id(counts: object) 
     assert normalised(body)["visitCounts"] == {"888": 7}
 
 
+@pytest.mark.parametrize("count", [999_999_999_999_999_999, 1e17])
+def test_visit_counts_of_18_digits_are_kept(count: float) -> None:
+    body = sample()
+    body["user"]["visitCountsForVenues"] = {"888": count}
+    assert normalised(body)["visitCounts"] == {"888": int(count)}
+
+
 def test_visit_counts_at_top_level_are_read_too() -> None:
     body = sample()
     del body["user"]["visitCountsForVenues"]
@@ -305,6 +312,16 @@ ERROR_CASES = [
     pytest.param(_altered(COUNTS, {"888": 1.5}), Reason.BAD_VISIT_COUNTS, id="fractional-count"),
     pytest.param(
         _altered(COUNTS, {"888": "1" * 5000}), Reason.BAD_VISIT_COUNTS, id="count-of-5000-digits"
+    ),
+    # Whole floats beyond 64 bits: orjson cannot write the integer they stand for.
+    pytest.param(_altered(COUNTS, {"888": 1e20}), Reason.BAD_VISIT_COUNTS, id="count-1e20"),
+    pytest.param(
+        _altered(COUNTS, [{"venueId": 888, "count": 1e300}]),
+        Reason.BAD_VISIT_COUNTS,
+        id="entry-count-1e300",
+    ),
+    pytest.param(
+        _altered(COUNTS, {"888": 10**18}), Reason.BAD_VISIT_COUNTS, id="count-of-19-digits"
     ),
     pytest.param(_altered(COUNTS, {"": 1}), Reason.BAD_VISIT_COUNTS, id="empty-venue-key"),
     pytest.param(_altered(COUNTS, [7]), Reason.BAD_VISIT_COUNTS, id="entry-not-an-object"),

@@ -9,6 +9,7 @@ import pytest
 
 from bridge.event import identify
 from consumers.pipeline import changelog
+from consumers.pipeline.normalise import normalise_timed
 from consumers.pipeline.partition import (
     FUTURE_TOLERANCE_MS,
     Output,
@@ -167,6 +168,24 @@ def test_no_body_stops_its_partition_whatever_fails_in_it(
     assert out.value == body
     assert dict(out.headers)["dlq-reason"] == b"unreadable"
     assert dict(out.headers)["dlq-detail"] == b"the body could not be normalised: ValueError"
+
+
+def test_a_body_whose_record_cannot_be_written_goes_to_the_dlq(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writing the record (orjson) is guarded like normalising it: no body stops its partition."""
+    pipeline = PartitionPipeline(CONFIG)
+    body = login_body(user_id=1, at_ms=T0)
+    record, event_ms = normalise_timed(body)
+    record["visitCounts"] = {"4242": 10**20}  # beyond the 64-bit integers orjson writes
+    monkeypatch.setattr(
+        "consumers.pipeline.partition.normalise_timed", lambda *_, **__: (record, event_ms)
+    )
+    (out,) = pipeline.accept(raw(body))
+    assert out.route is Route.DLQ
+    assert dict(out.headers)["dlq-reason"] == b"unreadable"
+    assert pipeline.buffered == 0
+    assert pipeline.dedup_entries == 0  # a redelivery is judged again, not dropped unseen
 
 
 def test_an_unreadable_body_goes_to_the_dlq_unchanged_with_its_reason() -> None:
