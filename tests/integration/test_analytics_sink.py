@@ -32,7 +32,7 @@ from bridge.settings import KafkaSettings
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
 from consumers.sinks.analytics.service import serve
 from consumers.sinks.analytics.settings import AnalyticsSettings
-from consumers.sinks.analytics.store import Position
+from consumers.sinks.analytics.store import AnalyticsStore, Position, StoreUnavailable
 from devkafka.broker import free_port
 from tests.fixtures.analytics import (
     AnalyticsTarget,
@@ -642,3 +642,60 @@ async def test_a_kafka_error_while_positioning_a_claim_is_retried_not_a_crash(
     assert retries is not None
     assert retries >= 1
     assert await fetch_one(analytics_target.port(), "SELECT count(*) FROM logins") == 6
+
+
+async def test_a_batch_retried_after_a_store_failure_counts_its_dead_letters_once(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'a.duckdb'}")
+    # One partition (one key), the record that is not a login first: it is in every attempt.
+    stream = [
+        (topics.visits, b"1", b"{this is not json"),
+        login_message(topics.visits, 1, 0, "u1-a"),
+        login_message(topics.visits, 1, 1, "u1-a"),
+    ]
+    await produce(kafka_bootstrap, stream)
+    # The database refuses the first three attempts (what an outage does), then takes them.
+    write = AnalyticsStore.write
+    failures = [StoreUnavailable("refused")] * 3
+
+    async def refused_three_times(self: AnalyticsStore, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await write(self, *args)
+
+    monkeypatch.setattr(AnalyticsStore, "write", refused_three_times)
+    settings = AnalyticsSettings.load(
+        None,
+        sink_env(
+            kafka_bootstrap,
+            target,
+            topics,
+            ANALYTICS_METRICS_PORT="0",
+            ANALYTICS_RETRY_MAX_BACKOFF_MS="200",
+        ),
+    )
+    metrics, stop = AnalyticsMetrics(), asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop=stop, handle_signals=False, metrics=metrics))
+    registry = metrics.registry
+    try:
+        deadline = time.monotonic() + 60
+        while (
+            registry.get_sample_value("wifi_sink_analytics_rows_written_total", {"table": "logins"})
+            != 2
+        ):
+            assert not task.done(), "the sink stopped by itself"
+            assert time.monotonic() < deadline, "the logins were not written"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+
+    assert not failures
+    assert registry.get_sample_value("wifi_sink_analytics_retries_total") == 3
+    dead = await consume(kafka_bootstrap, topics.dlq, count=1, settle_s=1.0)
+    assert len(dead) == 1
+    rejected = registry.get_sample_value(
+        "wifi_sink_analytics_rejected_records_total", {"reason": "invalid_json"}
+    )
+    assert rejected == 1, "one record went to the dead-letter topic, once"

@@ -378,7 +378,7 @@ class AnalyticsSink:
 
     async def _dead_letter(self, rejects: Sequence[tuple[Record, RejectedRecord]]) -> None:
         assert self._producer is not None
-        sent: list[tuple[TopicPartition, int]] = []
+        sent: list[tuple[TopicPartition, int, RejectedRecord]] = []
         waits = []
         for record, error in rejects:
             tp = TopicPartition(record.topic, record.partition)
@@ -397,7 +397,7 @@ class AnalyticsSink:
                     self._settings.topic_dlq, value=record.value, key=record.key, headers=headers
                 )
             )
-            sent.append((tp, record.offset))
+            sent.append((tp, record.offset, error))
             log.warning(
                 "record is not a canonical login: sent to the dead-letter topic",
                 extra={
@@ -409,9 +409,9 @@ class AnalyticsSink:
             )
         if waits:
             await asyncio.gather(*waits)
-        for tp, offset in sent:
+        # Counted once, when published: a batch tried again skips (and does not count) them.
+        for tp, offset, error in sent:
             self._dead_lettered[tp] = max(self._dead_lettered.get(tp, 0), offset + 1)
-        for _, error in rejects:
             self._metrics.rejected.labels(reason=error.reason.value).inc()
 
     def _rewind(self, consumer: AIOKafkaConsumer, batch: _Batch) -> None:
