@@ -53,6 +53,13 @@ class PipelineMetrics:
             "Records older than what was already released, sent to the late topic",
             registry=r,
         )
+        self.received_at_capped = Counter(
+            "wifi_pipeline_received_at_capped",
+            "Records whose received-at was more than 5 minutes ahead of the pipeline's clock "
+            "(a bridge pod's clock runs ahead): their dedup clock is the pipeline's clock plus "
+            "5 minutes",
+            registry=r,
+        )
         self.buffered = Gauge(
             "wifi_pipeline_reorder_buffered",
             "Records waiting in the reorder buffer, by input partition",

@@ -10,7 +10,11 @@ Stages, in order:
 1. **normalise** the raw body; one that cannot be normalised goes to the dead-letter route with
    the reason, unchanged.
 2. **dedup** on the event id, with the bridge's receive time as the clock (so a replay decides
-   exactly as the first run did): a redelivery within the dedup window is dropped.
+   exactly as the first run did): a redelivery within the dedup window is dropped. The receive
+   time comes from a bridge pod's clock; one more than :data:`RECEIVED_AT_TOLERANCE_MS` ahead of
+   the pipeline's own clock (the latest :meth:`PartitionPipeline.tick` time) is taken as that
+   clock plus the tolerance, so a pod whose clock runs days ahead cannot move the dedup clock
+   past every id at once (the sender's retries of those logins would be emitted again).
 3. **reorder** by ``authenticationTime``: the record waits in the buffer until the watermark
    passes it; one older than what was already released goes to the late route at once.
 4. **visits** are assigned as records leave the buffer, that is in event-time order, so
@@ -48,6 +52,7 @@ from consumers.pipeline.windows import (
 
 __all__ = [
     "FUTURE_TOLERANCE_MS",
+    "RECEIVED_AT_TOLERANCE_MS",
     "Output",
     "PartitionPipeline",
     "RawRecord",
@@ -59,6 +64,10 @@ _VISIT_EXPIRY_INTERVAL_MS = 60_000
 #: How far a login time may be ahead of its receive time (the clocks of the sender and the
 #: bridge differ a little); a login further ahead goes to the dead-letter route.
 FUTURE_TOLERANCE_MS = 5 * 60_000
+#: How far a receive time may be ahead of the pipeline's clock (the clocks of the bridge and
+#: the pipeline differ a little, and a record may arrive between two ticks); a receive time
+#: further ahead is capped to the pipeline's clock plus this.
+RECEIVED_AT_TOLERANCE_MS = 5 * 60_000
 # The instants ISO 8601 can write (years 1 to 9999), as epoch milliseconds.
 _MIN_MS = -62_135_596_800_000
 _MAX_MS = 253_402_300_799_999
@@ -112,9 +121,11 @@ class Counts:
     emitted: int = 0
     late: int = 0
     visits_opened: int = 0
+    received_at_capped: int = 0
 
     def reset(self) -> None:
         self.accepted = self.duplicates = self.emitted = self.late = self.visits_opened = 0
+        self.received_at_capped = 0
         self.invalid.clear()
 
 
@@ -147,6 +158,7 @@ class PartitionPipeline:
         "_last_visit_expiry_ms",
         "_seen",
         "_visits",
+        "_wall_clock_ms",
         "_written_meta",
         "config",
         "counts",
@@ -159,6 +171,7 @@ class PartitionPipeline:
         dedup: Deduplicator | None = None,
         visits: VisitTracker | None = None,
         buffer: ReorderBuffer[_Item] | None = None,
+        wall_clock_ms: int | None = None,
     ) -> None:
         self.config = config
         # "is None", not "or": each component has a length, so an empty restored one is falsy,
@@ -177,6 +190,9 @@ class PartitionPipeline:
         self._seen: dict[str, _Seen] = {}
         self._dirty_visits: set[tuple[str, str]] = set()
         self._last_visit_expiry_ms: int | None = None
+        # The pipeline's own clock, which receive times are checked against; not state: a
+        # restored pipeline gets the wall clock of its restore.
+        self._wall_clock_ms = wall_clock_ms
         # What the changelog holds already: a fresh pipeline's meta needs no entry, a restored
         # one's is what it was restored from (set by restore()).
         self._written_meta = self._meta()
@@ -208,6 +224,13 @@ class PartitionPipeline:
         """Take one raw record; returns what it sends out now (dead letter, late, released)."""
         headers = dict(raw.headers)
         received_at_ms = _received_at_ms(headers.get("received-at"), raw.timestamp_ms)
+        # The clocks below go by the receive time; the record keeps the one the bridge wrote.
+        clock_ms = received_at_ms
+        if self._wall_clock_ms is not None:
+            limit_ms = self._wall_clock_ms + RECEIVED_AT_TOLERANCE_MS
+            if clock_ms > limit_ms:
+                clock_ms = limit_ms
+                self.counts.received_at_capped += 1
         header_id = headers.get("event-id")
         try:
             record, event_ms = normalise_timed(
@@ -215,7 +238,7 @@ class PartitionPipeline:
                 event_id=header_id.decode("ascii", "replace") if header_id else None,
                 received_at_ms=received_at_ms,
             )
-            if event_ms > received_at_ms + FUTURE_TOLERANCE_MS:
+            if event_ms > clock_ms + FUTURE_TOLERANCE_MS:
                 # It would move the watermark past the records still to come and turn them late
                 # (one login dated 9999 would, for good).
                 raise NormalisationError(
@@ -232,7 +255,7 @@ class PartitionPipeline:
             return [self._dead_letter(raw, Reason.UNREADABLE, detail)]
 
         event_id: str = record["eventId"]
-        if not self._dedup.check(event_id, received_at_ms):
+        if not self._dedup.check(event_id, clock_ms):
             self.counts.duplicates += 1
             return []
         self.counts.accepted += 1
@@ -251,7 +274,11 @@ class PartitionPipeline:
         While the partition lags, the wall clock says nothing about the records still to come,
         so only the buffer bound can release anything then: a full buffer (its input paused
         since :meth:`accept` filled it) releases its oldest records early here.
+
+        ``now_ms`` is also the clock receive times are checked against, caught up or not.
         """
+        if self._wall_clock_ms is None or now_ms > self._wall_clock_ms:
+            self._wall_clock_ms = now_ms
         if caught_up:
             self._buffer.advance(now_ms)
         if (
@@ -331,11 +358,17 @@ class PartitionPipeline:
 
     @classmethod
     def restore(
-        cls, entries: Iterable[tuple[bytes, bytes | None]], config: WindowConfig
+        cls,
+        entries: Iterable[tuple[bytes, bytes | None]],
+        config: WindowConfig,
+        *,
+        now_ms: int | None = None,
     ) -> tuple[PartitionPipeline, int]:
         """Rebuild from a changelog partition read in order; returns it and the corrupt count.
 
-        A corrupt entry is skipped (and counted) rather than stopping the partition.
+        A corrupt entry is skipped (and counted) rather than stopping the partition. ``now_ms``
+        is the wall clock of the restore: receive times are checked against it until the first
+        :meth:`tick` (without it, not at all until then).
         """
         state = changelog.fold(entries)
         meta = state.meta or changelog.Meta()
@@ -364,7 +397,8 @@ class PartitionPipeline:
             lateness_ms=config.lateness_ms,
             max_buffered=config.max_buffered,
         )
-        return cls(config, dedup=dedup, visits=visits, buffer=buffer), state.corrupt
+        pipeline = cls(config, dedup=dedup, visits=visits, buffer=buffer, wall_clock_ms=now_ms)
+        return pipeline, state.corrupt
 
     # ----------------------------------------------------------------------------------------
 

@@ -407,7 +407,7 @@ class PipelineService:
         entries = _read_changelog(self._restorer_config, self.settings.topic_changelog, partitions)
         for partition in partitions:
             pipeline, corrupt = PartitionPipeline.restore(
-                entries.get(partition, []), self.settings.windows
+                entries.get(partition, []), self.settings.windows, now_ms=int(time.time() * 1000)
             )
             if corrupt:
                 self.metrics.changelog_corrupt.inc(corrupt)
@@ -433,8 +433,15 @@ class PipelineService:
         """Move the pipelines' own counts into the Prometheus counters."""
         self._count_out()
         m = self.metrics
-        for owned in self._owned.values():
+        for partition, owned in self._owned.items():
             counts = owned.pipeline.counts
+            if counts.received_at_capped:
+                m.received_at_capped.inc(counts.received_at_capped)
+                log.warning(
+                    "received-at ahead of the pipeline's clock: capped (is a bridge pod's clock "
+                    "ahead?)",
+                    extra={"partition": partition, "records": counts.received_at_capped},
+                )
             if counts.accepted:
                 m.records_in.labels(outcome="accepted").inc(counts.accepted)
             if counts.duplicates:

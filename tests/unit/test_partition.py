@@ -12,6 +12,7 @@ from consumers.pipeline import changelog
 from consumers.pipeline.normalise import normalise_timed
 from consumers.pipeline.partition import (
     FUTURE_TOLERANCE_MS,
+    RECEIVED_AT_TOLERANCE_MS,
     Output,
     PartitionPipeline,
     RawRecord,
@@ -84,6 +85,40 @@ def test_a_redelivery_inside_the_window_is_dropped_and_counted() -> None:
     assert pipeline.accept(raw(body, T0 + 3 * 3_600_000)) == []  # the sender's 3-hour retry
     assert pipeline.counts.duplicates == 1
     assert len(pipeline.tick(T0 + 3 * 3_600_000, caught_up=True)) == 1
+
+
+def test_a_bridge_clock_days_ahead_does_not_expire_the_ids_before_it() -> None:
+    """A received-at far ahead of the pipeline's clock is capped to it: the sender's 3-hour
+    retries of logins seen before it are still dropped, and so are its own."""
+    pipeline = PartitionPipeline(CONFIG)
+    pipeline.tick(T0, caught_up=False)
+    first = login_body(user_id=1, at_ms=T0)
+    skewed = login_body(user_id=2, at_ms=T0 + 1_000)
+    out = pipeline.accept(raw(first, T0))
+    out += pipeline.accept(raw(skewed, T0 + 2 * 24 * 3_600_000))  # a bridge pod 2 days ahead
+    assert pipeline.counts.received_at_capped == 1
+
+    retry_ms = T0 + 3 * 3_600_000
+    out += pipeline.tick(retry_ms, caught_up=True)
+    out += pipeline.accept(raw(first, retry_ms))
+    out += pipeline.accept(raw(skewed, retry_ms + 1))
+    out += pipeline.tick(retry_ms + 10**6, caught_up=True)
+
+    assert pipeline.counts.duplicates == 2
+    assert pipeline.counts.received_at_capped == 1  # the retries are within the tolerance
+    assert [r["user"]["id"] for r in records(out)] == ["1", "2"]  # type: ignore[index]
+    # The record keeps the receive time the bridge wrote: only the clocks are capped.
+    assert records(out)[1]["receivedAt"] == "2025-12-01T09:53:20.000Z"
+
+
+def test_a_received_at_is_capped_from_a_restore_on_by_the_wall_clock_it_is_given() -> None:
+    pipeline = PartitionPipeline(CONFIG)
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0), T0))
+    restored, _ = PartitionPipeline.restore(pipeline.take_changes(), CONFIG, now_ms=T0 + 1_000)
+    ahead = T0 + 1_000 + RECEIVED_AT_TOLERANCE_MS
+    restored.accept(raw(login_body(user_id=2, at_ms=T0 + 2_000), ahead))  # at the tolerance
+    restored.accept(raw(login_body(user_id=3, at_ms=T0 + 2_000), ahead + 1))
+    assert restored.counts.received_at_capped == 1
 
 
 def test_shuffled_input_leaves_in_login_time_order() -> None:
