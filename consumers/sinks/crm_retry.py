@@ -22,6 +22,7 @@ class RetryReason(StrEnum):
     TIMEOUT = "timeout"
     UNAUTHORIZED = "unauthorized"
     REDIRECTED = "redirected"
+    UNEXPECTED_ANSWER = "unexpected_answer"
     RECORD_RETRYABLE = "record_retryable"
 
 

@@ -8,6 +8,7 @@ request) so a 207 multi-status answer says which inputs failed. Custom propertie
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -15,7 +16,10 @@ import orjson
 
 from consumers.sinks.contacts import Contact
 from consumers.sinks.crm_http import HttpClient
-from consumers.sinks.crm_port import Rejection, UpsertResult, truncate_detail
+from consumers.sinks.crm_port import CrmUnavailable, Rejection, UpsertResult, truncate_detail
+from consumers.sinks.crm_retry import RetryReason
+
+log = logging.getLogger(__name__)
 
 UPSERT_PATH: Final = "/crm/v3/objects/contacts/batch/upsert"
 MAX_BATCH_SIZE: Final = 100
@@ -63,8 +67,20 @@ def read_answer(status: int, text: str, contacts: Sequence[Contact]) -> UpsertRe
     200/201: all accepted. 207: an error names its inputs by ``context.objectWriteTraceId``
     (or, failing that, ``context.ids`` / ``context.id`` holding e-mail addresses); inputs in
     ``results`` are accepted; an input the answer does not mention is retried.
+
+    Any other 2xx answer, or a 200/201 whose body is not a JSON object, is not HubSpot's
+    (a proxy's or a web server's page at a wrong ``CRM_HUBSPOT_BASE_URL``): it raises
+    :class:`CrmUnavailable` (``unexpected_answer``), retried like an outage, since taking it
+    as accepted would mark contacts as synced that no CRM stored.
     """
     if status != 207:
+        if status not in (200, 201) or not _is_json_object(text):
+            raise CrmUnavailable(
+                f"hubspot answered {status} with a body that is not HubSpot's",
+                reason=RetryReason.UNEXPECTED_ANSWER,
+                status=status,
+                detail=truncate_detail(text),
+            )
         return UpsertResult(accepted=list(contacts))
     try:
         answer = orjson.loads(text)
@@ -143,10 +159,24 @@ class HubSpotCrm:
         if not contacts:
             return UpsertResult()
         answer = await self._http.post(self._url, upsert_body(contacts), self._headers)
-        return read_answer(answer.status, answer.text, contacts)
+        try:
+            return read_answer(answer.status, answer.text, contacts)
+        except CrmUnavailable:
+            log.error(
+                "the CRM's answer is not HubSpot's: check CRM_HUBSPOT_BASE_URL",
+                extra={"crm": self.name, "status": answer.status},
+            )
+            raise
 
     async def close(self) -> None:
         await self._http.close()
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _objects(value: Any) -> list[Mapping[str, Any]]:

@@ -161,6 +161,28 @@ async def test_a_redirecting_crm_url_is_retried_and_never_counts_as_accepted() -
         await runner.cleanup()
 
 
+async def test_a_hubspot_url_answering_200_with_a_web_page_is_retried_never_accepted() -> None:
+    # CRM_HUBSPOT_BASE_URL set to a web site (or behind a proxy's sign-in page): 200 to any POST.
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html><body>Welcome</body></html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/crm/v3/objects/contacts/batch/upsert", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    crm = HubSpotCrm(base_url=f"http://127.0.0.1:{port}", token="pat-test", http=http("hubspot"))
+    try:
+        with pytest.raises(CrmUnavailable) as raised:
+            await crm.upsert(contacts(2))
+        assert raised.value.reason is RetryReason.UNEXPECTED_ANSWER
+        assert raised.value.status == 200
+    finally:
+        await crm.close()
+        await runner.cleanup()
+
+
 async def test_unreachable_crm_is_a_connection_error_to_retry() -> None:
     crm = WebhookCrm(url=f"http://127.0.0.1:{free_port()}/", secret=SECRET, http=http())
     try:

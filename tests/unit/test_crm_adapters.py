@@ -10,7 +10,13 @@ import orjson
 import pytest
 
 from consumers.sinks.contacts import Contact, SyncMark
-from consumers.sinks.crm_port import MAX_DETAIL_BYTES, TRUNCATED_MARKER, truncate_detail
+from consumers.sinks.crm_port import (
+    MAX_DETAIL_BYTES,
+    TRUNCATED_MARKER,
+    CrmUnavailable,
+    truncate_detail,
+)
+from consumers.sinks.crm_retry import RetryReason
 from consumers.sinks.hubspot import contact_properties, read_answer, upsert_body
 from consumers.sinks.outbox import CrmStateError, CrmStore
 from consumers.sinks.webhook import sign, verify
@@ -57,6 +63,26 @@ def test_hubspot_200_accepts_every_contact() -> None:
     contacts = [contact(0), contact(1)]
     result = read_answer(200, '{"status":"COMPLETE","results":[]}', contacts)
     assert (result.accepted, result.rejected, result.retry) == (contacts, [], [])
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, "<html><body>Sign in to continue</body></html>"),
+        (200, ""),
+        (200, '["not", "an", "object"]'),
+        (204, ""),
+        (202, '{"status":"PENDING"}'),
+    ],
+)
+def test_a_hubspot_2xx_that_is_not_hubspots_answer_is_retried_never_accepted(
+    status: int, body: str
+) -> None:
+    # A proxy's sign-in page or a web server at a wrong base URL: nobody stored the contacts.
+    with pytest.raises(CrmUnavailable) as raised:
+        read_answer(status, body, [contact(0)])
+    assert raised.value.reason is RetryReason.UNEXPECTED_ANSWER
+    assert raised.value.status == status
 
 
 def test_hubspot_207_sorts_each_contact_by_its_error() -> None:
