@@ -366,7 +366,9 @@ class PartitionPipeline:
     ) -> tuple[PartitionPipeline, int]:
         """Rebuild from a changelog partition read in order; returns it and the corrupt count.
 
-        A corrupt entry is skipped (and counted) rather than stopping the partition. ``now_ms``
+        A corrupt entry is skipped (and counted) rather than stopping the partition; a corrupt
+        meta leaves its predecessor's, or none, so every entry holding a record released since
+        is taken as still waiting and emitted again (duplicates rather than a loss). ``now_ms``
         is the wall clock of the restore: receive times are checked against it until the first
         :meth:`tick` (without it, not at all until then).
         """
@@ -388,9 +390,13 @@ class PartitionPipeline:
             for e in state.events.values()
             if e.record is not None and e.event_ms is not None and e.seq is not None
         ]
+        # The meta is written after the entries of its transaction, so it covers them, unless
+        # it was lost (a corrupt entry): then no new record may get a number a buffered one
+        # holds, or releasing one of the two would count the other as released.
+        next_seq = max([meta.next_seq, *(seq + 1 for _, seq, _ in items)])
         buffer: ReorderBuffer[_Item] = ReorderBuffer.restore(
             items,
-            next_seq=meta.next_seq,
+            next_seq=next_seq,
             max_event_ms=meta.max_event_ms,
             wall_ms=meta.wall_ms,
             released_through=meta.released_through,

@@ -298,6 +298,44 @@ def test_a_restore_with_nothing_buffered_keeps_what_was_released() -> None:
     assert restored.watermark_ms == pipeline.watermark_ms
 
 
+@pytest.mark.parametrize(
+    ("meta", "arrivals"),
+    [
+        # No meta: the sequence restarts at 0, so the second new record gets user 2's number.
+        pytest.param("absent", [(3, 5), (4, 2)], id="meta-absent"),
+        # The last meta unreadable: the first (next seq 1) hands out user 2's number at once.
+        pytest.param("stale", [(4, 2), (3, 5)], id="entries-newer-than-meta"),
+    ],
+)
+def test_a_restore_whose_meta_lags_its_entries_gives_new_records_sequence_numbers_of_their_own(
+    meta: str, arrivals: list[tuple[int, int]]
+) -> None:
+    """A new record must not get the (login time, sequence) of one restored into the buffer:
+    once one of the two is released, the next restore takes the other for released too."""
+    config = WindowConfig(lateness_ms=3_600_000, max_buffered=3)
+    pipeline = PartitionPipeline(config)
+    log: list[tuple[bytes, bytes | None]] = []
+    for user_id in (1, 2):
+        pipeline.accept(raw(login_body(user_id=user_id, at_ms=T0 + user_id)))
+        log += pipeline.take_changes()
+    assert log[-1][0] == changelog.META_KEY
+    if meta == "absent":
+        log = [(key, value) for key, value in log if key != changelog.META_KEY]
+    else:
+        log[-1] = (changelog.META_KEY, b"[]")
+    restored, _ = PartitionPipeline.restore(log, config)
+    assert restored.buffered == 2
+
+    for user_id, offset_ms in arrivals:  # user 4 at user 2's login time
+        restored.accept(raw(login_body(user_id=user_id, at_ms=T0 + offset_ms)))
+    early = restored.tick(T0, caught_up=False)  # over the bound: the two oldest leave
+    assert [r["user"]["id"] for r in records(early)] == ["1", "2"]  # type: ignore[index]
+
+    again, _ = PartitionPipeline.restore(log + restored.take_changes(), config)
+    rest = again.tick(T0 + 10**9, caught_up=True)
+    assert [r["user"]["id"] for r in records(rest)] == ["4", "3"]  # type: ignore[index]
+
+
 def test_visit_entries_encoded_from_held_tuples_match_the_documented_encoding() -> None:
     tracker = VisitTracker(gap_ms=60_000, retention_ms=10**9)
     for login_ms in (T0, T0 + 30_000, T0 + 10**6, T0 - 5_000):
