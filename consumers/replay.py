@@ -340,6 +340,15 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                     "re-derive the clean topics, run a second pipeline with another "
                     "PIPELINE_GROUP_ID and other output topics"
                 )
+            analytics_group = environ.get("ANALYTICS_GROUP_ID") or "wifi-sink-analytics"
+            if args.group == analytics_group:
+                # Its Kafka offsets are for lag monitoring only: the sink resumes from the
+                # positions in its database, so moving them would replay nothing.
+                raise ConfigError(
+                    f"{args.group} is the analytics sink's group: it resumes from the positions "
+                    "in its database, not from offsets in Kafka; move those with "
+                    "wifi-bridge replay analytics"
+                )
     except ConfigError as exc:
         print(f"wifi-bridge replay: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bridge import cli
 from bridge.errors import ConfigError
 from consumers.replay import Move, Target, parse_target
 
@@ -51,3 +52,28 @@ def test_a_move_counts_the_records_read_again_or_skipped() -> None:
     assert Move("t", 0, current=4, new=12, low=0, high=12).rereads == -8
     # A stored position past the end (a topic created again) counts from the end.
     assert Move("t", 0, current=50, new=0, low=0, high=12).rereads == 12
+
+
+@pytest.mark.parametrize(
+    ("group", "environ"),
+    [
+        ("wifi-sink-analytics", {}),
+        ("analytics-eu", {"ANALYTICS_GROUP_ID": "analytics-eu"}),
+    ],
+)
+def test_replay_group_refuses_the_analytics_sinks_group_and_names_replay_analytics(
+    group: str,
+    environ: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its offsets in Kafka are for lag monitoring: moved, the sink would still resume from the
+    # positions in its database, and the command's "moved" would have replayed nothing.
+    monkeypatch.delenv("ANALYTICS_GROUP_ID", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    arguments = ["replay", "group", group, "--topics", "t", "--to", "beginning", "--execute"]
+    assert cli.main([*arguments, "--kafka-bootstrap-servers", "127.0.0.1:1"]) == 2
+    error = capsys.readouterr().err
+    assert "the analytics sink's group" in error
+    assert "wifi-bridge replay analytics" in error
