@@ -58,6 +58,12 @@ def _json(status: int, payload: dict[str, Any], *, listener: bool = True) -> web
     return response
 
 
+def _raw_header(text: str) -> bytes:
+    """A request header's value as the bytes it came as: aiohttp decodes them as UTF-8 with
+    ``surrogateescape``, so a byte that is not UTF-8 (latin-1 text) is a lone surrogate."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _error(exc: WifiBridgeError, *, listener: bool = True) -> web.Response:
     response = _json(
         exc.http_status, {"error": exc.code, "message": exc.message}, listener=listener
@@ -150,7 +156,7 @@ class Receiver:
         headers: Headers = [
             ("event-id", event_id),
             ("received-at", b"%d" % received_ms),
-            ("content-type", content_type.encode()),
+            ("content-type", _raw_header(content_type)),
         ]
         await self.publisher.publish(
             settings.topic_raw,
@@ -176,10 +182,10 @@ class Receiver:
             ("dlq-reason", exc.code.encode()),
             ("dlq-detail", exc.message.encode()[:1024]),
             ("received-at", str(received_ms).encode()),
-            ("content-type", content_type.encode()),
+            ("content-type", _raw_header(content_type)),
         ]
         if content_encoding:
-            headers.append(("content-encoding", content_encoding.encode()))
+            headers.append(("content-encoding", _raw_header(content_encoding)))
         try:
             await self.publisher.publish(
                 self.settings.topic_dlq,

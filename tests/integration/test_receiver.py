@@ -9,6 +9,7 @@ import re
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -67,6 +68,43 @@ async def test_both_sample_layouts_plain_and_gzipped_land_keyed_888_with_exact_b
     for record in records:
         assert headers_of(record)["content-type"] == b"application/json"
         assert int(headers_of(record)["received-at"]) > 1_700_000_000_000
+
+
+async def raw_post(url: str, head: bytes, body: bytes) -> tuple[int, dict[str, object]]:
+    """POST with header bytes exactly as given (a client would refuse to send some of them)."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\nConnection: close\r\n"
+            % (parts.path.encode(), parts.netloc.encode(), len(body))
+            + head
+            + b"\r\n"
+            + body
+        )
+        response = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = response.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), orjson.loads(payload)
+
+
+async def test_a_content_type_that_is_not_utf8_is_kept_byte_for_byte(
+    start_bridge: StartBridge, kafka_bootstrap: str
+) -> None:
+    bridge = await start_bridge()
+    content_type = b"application/json; charset=iso-8859-1; name=caf\xe9"  # latin-1, not UTF-8
+    head = b"Content-Type: " + content_type + b"\r\n"
+    status, payload = await raw_post(bridge.webhook_url, head, DOCUMENTED_SAMPLE)
+    assert (status, payload["status"]) == (200, "accepted")
+    status, payload = await raw_post(bridge.webhook_url, head, b"{not json")
+    assert (status, payload["error"]) == (400, "invalid_json")
+    (record,) = await consume(kafka_bootstrap, bridge.topic_raw, count=1)
+    assert headers_of(record)["content-type"] == content_type
+    (dead,) = await consume(kafka_bootstrap, bridge.topic_dlq, count=1)
+    assert headers_of(dead)["content-type"] == content_type
 
 
 async def test_get_and_head_answer_200_with_the_listener_header(start_bridge: StartBridge) -> None:
