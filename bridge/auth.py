@@ -8,7 +8,6 @@ compared in constant time.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import ipaddress
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (non-ASCII text included), or not UTF-8 once decoded
         return None
     user, sep, password = decoded.partition(":")
     return (user, password) if sep else None

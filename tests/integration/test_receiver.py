@@ -172,6 +172,10 @@ async def test_basic_auth_accepts_the_right_pair_and_refuses_others(
         assert payload["error"] == "unauthorized"
         assert answer_headers["WWW-Authenticate"].startswith("Basic")
         assert answer_headers["wifiWebhookListener"] == "1"
+    # Bytes that are not ASCII, as a client with latin-1 credentials sends them.
+    head = b"Authorization: Basic caf\xe9\r\n"
+    status, payload = await raw_post(bridge.webhook_url, head, DOCUMENTED_SAMPLE)
+    assert (status, payload["error"]) == (401, "unauthorized")
 
 
 async def test_allowlist_accepts_listed_sources_and_forbids_others(

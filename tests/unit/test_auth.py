@@ -46,6 +46,14 @@ def test_basic_auth_accepts_the_right_pair_only() -> None:
             g.check_basic_auth(header)
 
 
+def test_basic_auth_that_is_not_ascii_is_refused_as_unauthorized() -> None:
+    g = gate(basic=("venue", "pa:ss"))
+    latin1 = "Basic " + base64.b64encode(b"venue:caf\xe9").decode()  # decodes, is not UTF-8
+    for header in ("Basic caf\u00e9", "Basic \udce9\udcff", "Basic dmVudWU6\u00e9", latin1):
+        with pytest.raises(Unauthorized):
+            g.check_basic_auth(header)
+
+
 def test_allowlist_uses_the_peer_when_no_proxy_is_trusted() -> None:
     g = gate(allowed="203.0.113.0/24")
     g.check_source("203.0.113.9", None)
