@@ -234,7 +234,8 @@ class BridgeSettings:
             linger_ms=config.integer(values, "BRIDGE_LINGER_MS", minimum=0, maximum=1000),
             producer=config.text(values, "BRIDGE_PRODUCER"),
             event_loop=config.text(values, "BRIDGE_EVENT_LOOP"),
-            shutdown_timeout_s=config.integer(values, "BRIDGE_SHUTDOWN_TIMEOUT_S", minimum=0),
+            # aiohttp takes 0 for "no limit": SIGTERM would wait for in-flight requests unbounded.
+            shutdown_timeout_s=config.integer(values, "BRIDGE_SHUTDOWN_TIMEOUT_S", minimum=1),
             log_level=config.log_level(values, "BRIDGE_LOG_LEVEL"),
             log_format=config.text(values, "BRIDGE_LOG_FORMAT"),
         )

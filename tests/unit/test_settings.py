@@ -40,6 +40,7 @@ def test_flag_wins_over_environment() -> None:
         ({"BRIDGE_PORT": "eighty"}, "BRIDGE_PORT"),
         ({"BRIDGE_PORT": "70000"}, "BRIDGE_PORT"),
         ({"BRIDGE_ACK_TIMEOUT_MS": "15000"}, "BRIDGE_ACK_TIMEOUT_MS"),
+        ({"BRIDGE_SHUTDOWN_TIMEOUT_S": "0"}, "BRIDGE_SHUTDOWN_TIMEOUT_S: expected at least 1"),
         ({"BRIDGE_TOKEN": "short"}, "BRIDGE_TOKEN"),
         ({"BRIDGE_WEBHOOK_PATH": "webhooks"}, "BRIDGE_WEBHOOK_PATH"),
         ({"BRIDGE_ALLOWED_CIDRS": "10.0.0.0/8,nonsense"}, "BRIDGE_ALLOWED_CIDRS"),
