@@ -19,11 +19,16 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _parse_ip(text: str | None) -> IPAddress | None:
+    """An address as peers and proxies write it: bare, ``v4:port`` or ``[v6]:port``."""
     if not text:
         return None
     text = text.strip()
     if text.startswith("[") and "]" in text:  # [v6]:port
         text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # v4:port (an IPv6 address has at least two colons)
+        host, _, port = text.partition(":")
+        if port.isascii() and port.isdigit():
+            text = host
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -65,14 +70,24 @@ class Gate:
         return hmac.compare_digest(presented.encode(), self.token.encode())
 
     def client_address(self, peer: str | None, forwarded_for: str | None) -> IPAddress | None:
-        """The client as far as trusted proxies vouch for it (X-Forwarded-For, from the right)."""
+        """The client as far as trusted proxies vouch for it (X-Forwarded-For, from the right).
+
+        Raises :class:`Forbidden` (``bad_forwarded_for``) when a hop a trusted proxy passed on
+        is not an address: who sent the request cannot be told.
+        """
         address = _parse_ip(peer)
         if address is None or not forwarded_for or not _within(address, self.trusted_proxies):
             return address
         for hop in reversed(forwarded_for.split(",")):
+            if not hop.strip():
+                continue  # an empty list element, which HTTP allows
             hop_address = _parse_ip(hop)
             if hop_address is None:
-                return address
+                # Stopping here would take the last proxy for the client.
+                raise Forbidden(
+                    "X-Forwarded-For holds a hop that is not an IP address: the client is unknown",
+                    code="bad_forwarded_for",
+                )
             address = hop_address
             if not _within(address, self.trusted_proxies):
                 return address

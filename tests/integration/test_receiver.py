@@ -18,7 +18,7 @@ import pytest
 from bridge.event import identify
 from bridge.settings import MAX_BODY_BYTES_LIMIT
 from bridge.spool import read_stats
-from tests.fixtures.bridge import RunningBridge, StartBridge
+from tests.fixtures.bridge import RunningBridge, StartBridge, metric
 from tests.fixtures.kafka import consume
 from tests.fixtures.samples import DOCUMENTED_SAMPLE, TABLE_VARIANT, login_body
 
@@ -198,6 +198,13 @@ async def test_allowlist_accepts_listed_sources_and_forbids_others(
     assert (await post(proxied.webhook_url, DOCUMENTED_SAMPLE, headers=forwarded))[0] == 200
     spoofed = {"X-Forwarded-For": "203.0.113.7, 198.51.100.1"}
     assert (await post(proxied.webhook_url, DOCUMENTED_SAMPLE, headers=spoofed))[0] == 403
+    with_port = {"X-Forwarded-For": "203.0.113.7:4711"}
+    assert (await post(proxied.webhook_url, DOCUMENTED_SAMPLE, headers=with_port))[0] == 200
+    garbled = {"X-Forwarded-For": "203.0.113.7, unknown"}
+    status, _, payload = await post(proxied.webhook_url, DOCUMENTED_SAMPLE, headers=garbled)
+    assert (status, payload["error"]) == (403, "bad_forwarded_for")
+    outcome = 'wifi_bridge_requests_total{method="POST",outcome="bad_forwarded_for"}'
+    assert await metric(proxied, outcome) == 1
 
 
 async def _still_serves(bridge: RunningBridge) -> None:

@@ -71,5 +71,25 @@ def test_allowlist_believes_forwarded_for_only_from_trusted_proxies() -> None:
         g.check_source("10.1.2.3", None)
 
 
+def test_forwarded_for_hops_may_carry_a_port() -> None:
+    g = gate(allowed="203.0.113.0/24,2001:db8::/32", proxies="10.0.0.0/8")
+    g.check_source("10.1.2.3", "203.0.113.5:4711")
+    g.check_source("10.1.2.3", "[2001:db8::5]:4711, 10.9.9.9:80")
+    g.check_source("10.1.2.3", "203.0.113.5, , 10.9.9.9")  # empty list elements are allowed
+    with pytest.raises(Forbidden):
+        g.check_source("10.1.2.3", "198.51.100.1:4711")
+
+
+@pytest.mark.parametrize("hop", ["unknown", "203.0.113.5:http", "203.0.113.5:4711:1", "::1]"])
+def test_a_forwarded_for_hop_that_is_no_address_is_refused_not_taken_for_the_proxy(
+    hop: str,
+) -> None:
+    # The proxy's own network is allowed: taking it for the client would let anyone in.
+    g = gate(allowed="10.0.0.0/8,203.0.113.0/24", proxies="10.0.0.0/8")
+    with pytest.raises(Forbidden) as refused:
+        g.check_source("10.1.2.3", f"203.0.113.5, {hop}")
+    assert refused.value.code == "bad_forwarded_for"
+
+
 def test_ipv4_mapped_ipv6_peer_matches_ipv4_ranges() -> None:
     gate(allowed="127.0.0.0/8").check_source("::ffff:127.0.0.1", None)
