@@ -699,3 +699,40 @@ async def test_a_batch_retried_after_a_store_failure_counts_its_dead_letters_onc
         "wifi_sink_analytics_rejected_records_total", {"reason": "invalid_json"}
     )
     assert rejected == 1, "one record went to the dead-letter topic, once"
+
+
+async def test_a_record_too_large_to_dead_letter_whole_is_cut_to_fit_and_the_sink_goes_on(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'a.duckdb'}")
+    # Just under what the producer takes: with the dead-letter headers it would not fit, and
+    # a letter the producer refuses failed the batch at every retry.
+    big = b"x" * 1_048_450
+    stream = [(topics.visits, b"1", big), login_message(topics.visits, 1, 0, "u1-a")]
+    await produce(kafka_bootstrap, stream)
+    settings = AnalyticsSettings.load(
+        None, sink_env(kafka_bootstrap, target, topics, ANALYTICS_METRICS_PORT="0")
+    )
+    metrics, stop = AnalyticsMetrics(), asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop=stop, handle_signals=False, metrics=metrics))
+    registry = metrics.registry
+    try:
+        deadline = time.monotonic() + 30
+        while not registry.get_sample_value(
+            "wifi_sink_analytics_rows_written_total", {"table": "logins"}
+        ):
+            assert not task.done(), "the sink stopped by itself"
+            assert time.monotonic() < deadline, "the sink is stuck on the large record"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+
+    (letter,) = await consume(kafka_bootstrap, topics.dlq, count=1, settle_s=1.0)
+    headers = dict(letter.headers)
+    assert headers["dlq-reason"] == b"invalid_json"
+    assert headers["dlq-value-truncated"] == str(len(big)).encode()
+    assert headers["source-offset"] == b"0"
+    assert letter.value is not None
+    assert 0 < len(letter.value) < len(big)
+    assert big.startswith(letter.value)

@@ -46,6 +46,7 @@ from consumers.sinks.analytics.store import (
     Position,
     StoreUnavailable,
 )
+from consumers.sinks.crm_dlq import fit_dead_letter, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ _FIRST_BACKOFF_S = 0.1
 _KAFKA_COMMIT_TIMEOUT_S = 5.0
 # How often the sink checks, between batches, that its claims are still its own.
 _CLAIM_CHECK_S = 5.0
+#: The dead-letter producer's max_request_size (aiokafka's default): a letter is cut to fit it.
+_DLQ_MAX_BYTES = 1_048_576
 
 
 def build_store(settings: AnalyticsSettings, metrics: AnalyticsMetrics) -> AnalyticsStore:
@@ -196,7 +199,10 @@ class AnalyticsSink:
         kafka = settings.kafka
         await ensure_topics(kafka, [TopicSpec(t) for t in (*settings.topics, settings.topic_dlq)])
         self._producer = AIOKafkaProducer(
-            **client_options(kafka), acks="all", enable_idempotence=True
+            **client_options(kafka),
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=_DLQ_MAX_BYTES,
         )
         self._consumer = AIOKafkaConsumer(
             **client_options(kafka),
@@ -384,17 +390,10 @@ class AnalyticsSink:
             tp = TopicPartition(record.topic, record.partition)
             if record.offset < self._dead_lettered.get(tp, 0):
                 continue  # this batch failed after its dead letters were published
-            headers = [
-                *[(k, v) for k, v in (record.headers or ()) if not k.startswith("dlq-")],
-                ("dlq-reason", error.reason.value.encode()),
-                ("dlq-detail", error.message.encode()),
-                ("source-topic", record.topic.encode()),
-                ("source-partition", str(record.partition).encode()),
-                ("source-offset", str(record.offset).encode()),
-            ]
+            key, value, headers = _letter(record, error)
             waits.append(
                 await self._producer.send(
-                    self._settings.topic_dlq, value=record.value, key=record.key, headers=headers
+                    self._settings.topic_dlq, value=value, key=key, headers=headers
                 )
             )
             sent.append((tp, record.offset, error))
@@ -458,6 +457,35 @@ class AnalyticsSink:
                 self._metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                     max(0, end - position)
                 )
+
+
+def _letter(
+    record: Record, error: RejectedRecord
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
+    """Key, value and headers of the dead letter of ``record``, at most ``_DLQ_MAX_BYTES``.
+
+    The record whole with its headers, when that fits; else (a record near the largest
+    message, which the producer would refuse at every retry of the batch) only its event id
+    is kept of its headers, and its value is cut to fit (``dlq-value-truncated`` holds its
+    length; the record itself is still at ``source-offset``).
+    """
+    own = [
+        ("dlq-reason", error.reason.value.encode()),
+        ("dlq-detail", error.message.encode()),
+        ("source-topic", record.topic.encode()),
+        ("source-partition", str(record.partition).encode()),
+        ("source-offset", str(record.offset).encode()),
+    ]
+    copied = [(k, v) for k, v in (record.headers or ()) if not k.startswith("dlq-")]
+    headers = [*copied, *own]
+    sized = [(k, v or b"") for k, v in headers]
+    if record_bytes(record.key, record.value, sized) <= _DLQ_MAX_BYTES:
+        return record.key, record.value, headers
+    event_id = [(k, v or b"") for k, v in copied if k == "event-id"][:1]
+    letter = fit_dead_letter(
+        key=record.key, value=record.value, headers=[*event_id, *own], max_bytes=_DLQ_MAX_BYTES
+    )
+    return letter.key, letter.value, list(letter.headers)
 
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:
