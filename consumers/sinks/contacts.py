@@ -284,6 +284,10 @@ def _optional_text(section: Mapping[str, Any], name: str, path: str) -> str | No
         return None
     if not isinstance(value, str):
         raise UnreadableRecord(f"{path} is not a string")
+    if "\x00" in value:
+        # SQLite's JSON functions end a text at NUL: the sync mark of such a user id would
+        # never be found again, and every login (a replay too) would be sent once more.
+        raise UnreadableRecord(f"{path} contains a NUL character")
     value = value.strip()
     return value or None
 

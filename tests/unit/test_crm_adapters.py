@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumers.sinks.contacts import Contact, SyncMark
+from consumers.sinks.contacts import Contact, SyncMark, UnreadableRecord, login_from_record
 from consumers.sinks.crm_port import (
     MAX_DETAIL_BYTES,
     TRUNCATED_MARKER,
@@ -20,6 +20,7 @@ from consumers.sinks.crm_retry import RetryReason
 from consumers.sinks.hubspot import contact_properties, read_answer, upsert_body
 from consumers.sinks.outbox import CrmStateError, CrmStore
 from consumers.sinks.webhook import sign, verify
+from tests.fixtures.canonical import canonical_login
 
 
 def contact(n: int, **changes: object) -> Contact:
@@ -242,3 +243,18 @@ def test_webhook_adapter_refuses_a_short_secret_early(bad: str) -> None:
     )
     with pytest.raises(ValueError, match="secret"):
         WebhookCrm(url="http://127.0.0.1:1/", secret=bad, http=http)
+
+
+def test_the_mark_of_every_user_key_a_login_can_have_is_found_again(tmp_path: Path) -> None:
+    # A key the store could not find again would escape the throttle: every login sent again.
+    store = CrmStore(tmp_path / "state.db")
+    for user_id in ("café", "x" * 5000, "a\x00b", "  spaced  ", "mac:02:00:00:00:00:01"):
+        record = canonical_login(email="ann@example.com")
+        record["user"]["id"] = user_id
+        try:
+            key = login_from_record(record).user_key
+        except UnreadableRecord:
+            continue  # goes to the dead-letter topic, never marked
+        store.save_marks([SyncMark(key, 5, 5)])
+        assert store.marks([key]) == {key: SyncMark(key, 5, 5)}, repr(key[:20])
+    store.close()

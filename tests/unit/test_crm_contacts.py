@@ -256,3 +256,18 @@ def test_every_readable_login_gives_a_contact_each_target_can_encode(
     assert encoded["lastVisitAt"] == shown
     assert encoded["visitCount"] == 2**63 - 1
     assert contact_properties(contact)["wifi_last_visit_at"] == str(contact.last_visit_ms)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: r["user"].update(id="500\x00002"),
+        lambda r: (r["user"].update(id=None), r["client"].update(mac="02:00\x00:00")),
+        lambda r: r["user"].update(firstName="Ann\x00"),
+    ],
+)
+def test_a_text_with_a_nul_character_is_unreadable(change: Any) -> None:
+    record = canonical_login(email="ann@example.com")
+    change(record)
+    with pytest.raises(UnreadableRecord, match="NUL"):
+        login_from_record(record)
