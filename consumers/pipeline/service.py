@@ -20,7 +20,11 @@ Lifecycle of a partition:
   aborted.
 
 Any failed transaction is aborted and every owned partition is rebuilt from Kafka (committed
-offset + changelog), since the in-memory state had already moved past what was committed.
+offset + changelog), since the in-memory state had already moved past what was committed. A
+transaction fails at its commit, or earlier: once a record it produced was refused (too large
+for its topic, or not delivered within the transaction timeout), librdkafka refuses every
+further produce of it. The rest of a consume batch read before a rebuild is dropped, and read
+again from the committed offsets.
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ _KAFKA_TIMEOUT_S = 30.0
 
 class PipelineError(Exception):
     """The pipeline cannot go on (another instance took its transactional id, say)."""
+
+
+class _TransactionFailed(Exception):
+    """The open transaction cannot commit: abort it and rebuild the owned partitions."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -126,6 +138,9 @@ class PipelineService:
         self._offsets: dict[int, int] = {}
         self._in_transaction = False
         self._transaction_started = 0.0
+        # Set when a transaction was aborted: the owned partitions go back to their committed
+        # state and offsets once the consume call in progress has returned.
+        self._rebuild_pending = False
 
     # ----------------------------------------------------------------------------------------
     # Main loop
@@ -157,17 +172,28 @@ class PipelineService:
                 wait_s = next_tick - now
                 if self._in_transaction:
                     wait_s = min(wait_s, self._transaction_started + commit_s - now)
-                for message in self._consumer.consume(_BATCH, max(0.0, wait_s)):
-                    self._handle(message)
-                self._count_out()
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + tick_s
-                    self._tick()
-                if self._in_transaction and now - self._transaction_started >= commit_s:
-                    self._commit()
+                try:
+                    for message in self._consumer.consume(_BATCH, max(0.0, wait_s)):
+                        if self._rebuild_pending:  # aborted in a callback of this consume call
+                            break  # the rest was read past the committed offsets: read again
+                        self._handle(message)
+                    self._count_out()
+                    now = time.monotonic()
+                    if now >= next_tick:
+                        next_tick = now + tick_s
+                        self._tick()
+                    if self._in_transaction and now - self._transaction_started >= commit_s:
+                        self._commit()
+                except _TransactionFailed as exc:
+                    self._fail(exc.reason)
+                if self._rebuild_pending:
+                    self._rebuild_pending = False
+                    self._rebuild(list(self._owned))
             if self._in_transaction:
-                self._commit()
+                try:
+                    self._commit()
+                except _TransactionFailed as exc:
+                    self._abort(exc.reason)  # read again by whoever takes the partitions
         finally:
             log.info("pipeline stopping: leaving the group")
             try:
@@ -269,6 +295,8 @@ class PipelineService:
                 return
             except BufferError:
                 self._producer.poll(0.05)  # the local queue is full: let it drain
+            except KafkaException as exc:  # the transaction failed already (see the module)
+                raise self._transaction_failed(exc) from exc
 
     # ----------------------------------------------------------------------------------------
     # Transactions
@@ -280,7 +308,11 @@ class PipelineService:
             self._transaction_started = time.monotonic()
 
     def _commit(self) -> None:
-        """Write the changed state, send the offsets and commit; on failure abort and rebuild."""
+        """Write the changed state, send the offsets and commit.
+
+        Raises :class:`_TransactionFailed` when the transaction cannot commit: the caller
+        aborts it and has the partitions rebuilt (:meth:`_fail`).
+        """
         started = time.monotonic()
         try:
             for partition, owned in self._owned.items():
@@ -297,21 +329,28 @@ class PipelineService:
                 )
             self._producer.commit_transaction(_KAFKA_TIMEOUT_S)
         except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            if error.fatal():
-                raise PipelineError(
-                    f"the transactional producer failed for good ({error.name()}): another "
-                    f"instance may use transactional id {self.settings.transactional_id}"
-                ) from exc
-            self._abort(error.name())
-            self._rebuild(list(self._owned))
-            return
+            raise self._transaction_failed(exc) from exc
         self._in_transaction = False
         self._offsets.clear()
         self._producer.poll(0)  # serve its log lines
         self._count()
         self.metrics.transactions.labels(result="committed").inc()
         self.metrics.transaction_seconds.observe(time.monotonic() - started)
+
+    def _transaction_failed(self, exc: KafkaException) -> _TransactionFailed:
+        """What a producer error means for the transaction; raises if the producer is done."""
+        error: KafkaError = exc.args[0]
+        if error.fatal() or error.code() == KafkaError._FATAL:
+            raise PipelineError(
+                f"the transactional producer failed for good ({error.name()}): another "
+                f"instance may use transactional id {self.settings.transactional_id}"
+            ) from exc
+        return _TransactionFailed(error.name())
+
+    def _fail(self, reason: str) -> None:
+        """Abort the open transaction; the owned partitions are rebuilt after this consume."""
+        self._abort(reason)
+        self._rebuild_pending = True
 
     def _abort(self, reason: str) -> None:
         log.warning("aborting the transaction", extra={"reason": reason})
@@ -342,7 +381,10 @@ class PipelineService:
         numbers = [tp.partition for tp in partitions]
         log.info("partitions revoked", extra={"partitions": numbers})
         if self._in_transaction:
-            self._commit()
+            try:
+                self._commit()
+            except _TransactionFailed as exc:
+                self._fail(exc.reason)
         self._drop(numbers)
 
     def _on_lost(
@@ -351,11 +393,8 @@ class PipelineService:
         numbers = [tp.partition for tp in partitions]
         log.warning("partitions lost", extra={"partitions": numbers})
         if self._in_transaction:
-            self._abort("partitions lost")
-            self._drop(numbers)
-            self._rebuild(list(self._owned))
-        else:
-            self._drop(numbers)
+            self._fail("partitions lost")
+        self._drop(numbers)
 
     def _drop(self, partitions: Sequence[int]) -> None:
         self._count()

@@ -19,7 +19,7 @@ from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
 from consumers.pipeline.service import _partitions_with_records, _read_changelog
 from tests.fixtures.kafka import unique_topic
-from tests.fixtures.pipeline import Out, PipelineRig, Raw
+from tests.fixtures.pipeline import Out, PipelineProcess, PipelineRig, Raw
 from tests.fixtures.samples import login_body
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -240,6 +240,41 @@ def test_a_full_reorder_buffer_pauses_and_releases_early_without_losing_records(
     paused = running.metric("wifi_pipeline_paused_partitions")
     assert paused is not None
     assert "reorder buffer full: partition paused" in running.logs()
+
+
+def _dead_letter_too_large_for(limit_bytes: int, *, user_id: int) -> bytes:
+    """A body without a login time (a dead letter) keyed like ``user_id``'s logins."""
+    return orjson.dumps({"user": {"id": user_id, "note": "x" * (2 * limit_bytes)}})
+
+
+def _wait_for(running: PipelineProcess, metric: str, at_least: float, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (running.metric(metric) or 0) < at_least:
+        assert time.monotonic() < deadline, running.logs()
+        time.sleep(0.1)
+
+
+_ABORTED = 'wifi_pipeline_transactions_total{result="aborted"}'
+
+
+def test_an_output_the_broker_refuses_aborts_the_transaction_and_the_pipeline_goes_on(
+    pipeline_rig: PipelineRig,
+) -> None:
+    """A produce that fails after it was queued fails the transaction: the next produce of
+    the same transaction is refused, and that must abort and rebuild, not stop the process."""
+    rig = pipeline_rig
+    rig.limit_dlq_record_bytes(2_000)
+    poison = _dead_letter_too_large_for(2_000, user_id=8)
+    rig.produce([poison, login_body(user_id=8, at_ms=now_ms())])
+    running = rig.spawn()  # the login is released by a tick, into the failed transaction
+    _wait_for(running, _ABORTED, 3, timeout_s=60)
+    assert running.process.poll() is None, running.logs()
+
+    rig.limit_dlq_record_bytes(1_048_588)
+    outs = rig.read(count=2, timeout_s=30)
+
+    assert sorted(o.topic for o in outs) == sorted([rig.topics["dlq"], rig.topics["visits"]])
+    assert running.process.poll() is None, running.logs()
 
 
 def test_a_changelog_with_fewer_partitions_than_the_input_stops_with_a_clear_error(
