@@ -55,6 +55,9 @@ def test_analytics_url_selects_the_store(url: str, kind: str, path: Path | None)
         ({"ANALYTICS_METRICS_PORT": "http"}, "ANALYTICS_METRICS_PORT"),
         ({"ANALYTICS_COMMIT_KAFKA_OFFSETS": "perhaps"}, "ANALYTICS_COMMIT_KAFKA_OFFSETS"),
         ({"ANALYTICS_LOG_LEVEL": "chatty"}, "ANALYTICS_LOG_LEVEL"),
+        # PostgreSQL's largest statement_timeout is 2147483647 ms: a larger one made every
+        # connection fail with a parameter error, retried for ever without naming the setting.
+        ({"ANALYTICS_STATEMENT_TIMEOUT_MS": "2147483648"}, "ANALYTICS_STATEMENT_TIMEOUT_MS"),
     ],
 )
 def test_bad_setting_error_names_the_setting_and_hides_passwords(

@@ -137,8 +137,9 @@ class AnalyticsSettings:
             retry_max_backoff_ms=config.integer(
                 values, "ANALYTICS_RETRY_MAX_BACKOFF_MS", minimum=100, maximum=240_000
             ),
+            # PostgreSQL refuses a larger statement_timeout (at every connection).
             statement_timeout_ms=config.integer(
-                values, "ANALYTICS_STATEMENT_TIMEOUT_MS", minimum=100
+                values, "ANALYTICS_STATEMENT_TIMEOUT_MS", minimum=100, maximum=2_147_483_647
             ),
             commit_kafka_offsets=config.boolean(values, "ANALYTICS_COMMIT_KAFKA_OFFSETS"),
             metrics_host=config.text(values, "ANALYTICS_METRICS_HOST"),
