@@ -28,9 +28,9 @@ class HttpClient:
     """POSTs JSON bodies within a rate limit; raises the CRM port's errors for failures.
 
     A 2xx answer (including 207) is returned; 429, 5xx, 401/403, 3xx (redirects are not
-    followed), timeouts and connection errors raise :class:`CrmUnavailable` (a 429's
-    ``Retry-After`` also blocks the limiter); any other status raises
-    :class:`CrmBatchRejected` with the answer's text.
+    followed), 404/405/410 (a wrong URL), timeouts and connection errors raise
+    :class:`CrmUnavailable` (a 429's ``Retry-After`` also blocks the limiter); any other
+    status raises :class:`CrmBatchRejected` with the answer's text.
     """
 
     def __init__(
@@ -95,6 +95,11 @@ class HttpClient:
             elif reason is RetryReason.REDIRECTED:
                 log.error(
                     "the CRM's URL answers with a redirect: set the final URL",
+                    extra={"crm": self._crm, "status": status},
+                )
+            elif reason is RetryReason.WRONG_URL:
+                log.error(
+                    "the CRM's URL is not an endpoint that takes contacts: check it",
                     extra={"crm": self._crm, "status": status},
                 )
             raise CrmUnavailable(

@@ -22,6 +22,7 @@ class RetryReason(StrEnum):
     TIMEOUT = "timeout"
     UNAUTHORIZED = "unauthorized"
     REDIRECTED = "redirected"
+    WRONG_URL = "wrong_url"
     UNEXPECTED_ANSWER = "unexpected_answer"
     RECORD_RETRYABLE = "record_retryable"
 
@@ -38,7 +39,10 @@ def classify_status(status: int) -> tuple[Verdict, RetryReason | None]:
     401 and 403 are retried, not rejected: a wrong or expired credential is an operator's
     problem that must not send every record to the dead-letter topic while it lasts. So is a
     3xx: the URL is wrong (http for https, a moved path), and following the redirect would
-    turn the POST into a GET whose 200 says nothing about the contacts.
+    turn the POST into a GET whose 200 says nothing about the contacts. And so are 404, 405
+    and 410: no contact makes a batch endpoint unknown, the URL is wrong, and rejected, every
+    contact would go to the dead-letter topic and be marked handled (a replay once the URL is
+    fixed would send none of them).
     """
     if 200 <= status < 300:
         return Verdict.ACCEPTED, None
@@ -48,6 +52,8 @@ def classify_status(status: int) -> tuple[Verdict, RetryReason | None]:
         return Verdict.RETRY, RetryReason.RATE_LIMITED
     if status in (401, 403):
         return Verdict.RETRY, RetryReason.UNAUTHORIZED
+    if status in (404, 405, 410):
+        return Verdict.RETRY, RetryReason.WRONG_URL
     if status in (408, 425) or status >= 500:
         return Verdict.RETRY, RetryReason.SERVER_ERROR
     return Verdict.REJECTED, None

@@ -9,7 +9,7 @@ Headers of every request:
 A receiver recomputes the signature over the raw body (:func:`verify` does it), compares in
 constant time and refuses a timestamp older than a few minutes, so a captured request cannot be
 replayed later. Body: ``{"contacts": [{"email": ..., ...}]}``. Any 2xx accepts the whole
-request; 429, 5xx, 401 and 403 are retried; any other status rejects it.
+request; 429, 5xx, 3xx, 401, 403, 404, 405 and 410 are retried; any other status rejects it.
 """
 
 from __future__ import annotations

@@ -183,6 +183,20 @@ async def test_a_hubspot_url_answering_200_with_a_web_page_is_retried_never_acce
         await runner.cleanup()
 
 
+async def test_a_crm_url_that_is_not_found_is_retried_never_dead_lettered(
+    receiver: Receiver,
+) -> None:
+    # A path mistyped in CRM_WEBHOOK_URL: rejected, every contact would be dead-lettered.
+    crm = WebhookCrm(url=receiver.url + "-typo", secret=SECRET, http=http())
+    try:
+        with pytest.raises(CrmUnavailable) as raised:
+            await crm.upsert(contacts(2))
+        assert raised.value.reason is RetryReason.WRONG_URL
+        assert raised.value.status == 404
+    finally:
+        await crm.close()
+
+
 async def test_unreachable_crm_is_a_connection_error_to_retry() -> None:
     crm = WebhookCrm(url=f"http://127.0.0.1:{free_port()}/", secret=SECRET, http=http())
     try:
