@@ -115,7 +115,10 @@ class Receiver:
     async def _webhook(self, request: web.Request, method: str) -> tuple[str, web.Response]:
         gate = self.gate
         if gate.allowed_networks:
-            gate.check_source(request.remote, request.headers.get(hdrs.X_FORWARDED_FOR))
+            # Every X-Forwarded-For line, in order, as one list: the last is what our proxy
+            # added, the first may be anything the client wrote.
+            forwarded = ",".join(request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
+            gate.check_source(request.remote, forwarded or None)
         if gate.basic_auth is not None:
             gate.check_basic_auth(request.headers.get(hdrs.AUTHORIZATION))
         if method in {hdrs.METH_GET, hdrs.METH_HEAD}:

@@ -205,6 +205,10 @@ async def test_allowlist_accepts_listed_sources_and_forbids_others(
     assert (status, payload["error"]) == (403, "bad_forwarded_for")
     outcome = 'wifi_bridge_requests_total{method="POST",outcome="bad_forwarded_for"}'
     assert await metric(proxied, outcome) == 1
+    # A proxy may add a line of its own rather than extend the client's: both count, in order.
+    two_lines = b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 198.51.100.1\r\n"
+    answer = await raw_post(proxied.webhook_url, two_lines, DOCUMENTED_SAMPLE)
+    assert answer[0] == 403, answer
 
 
 async def _still_serves(bridge: RunningBridge) -> None:
