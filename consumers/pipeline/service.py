@@ -250,10 +250,8 @@ class PipelineService:
             if outputs:
                 self._begin()
                 self._produce(outputs)
-            if owned.paused and not pipeline.is_full:
-                owned.paused = False
-                self._consumer.resume([TopicPartition(self.settings.topic_raw, partition)])
-                self.metrics.paused.dec()
+            if not pipeline.is_full:
+                self._resume(partition, owned)
             label = str(partition)
             self.metrics.buffered.labels(partition=label).set(pipeline.buffered)
             watermark_ms = pipeline.watermark_ms
@@ -262,6 +260,25 @@ class PipelineService:
                     (now_ms - watermark_ms) / 1000
                 )
         self._count()
+
+    def _resume(self, partition: int, owned: _Owned) -> None:
+        """Lift the pause ``owned`` put on its partition.
+
+        librdkafka keeps a partition paused through seeks, and through a revocation and a
+        later assignment of it: whenever the state that paused it is dropped or rebuilt, the
+        pause has to go with it, or nothing resumes the partition again.
+        """
+        if not owned.paused:
+            return
+        owned.paused = False
+        self.metrics.paused.dec()
+        try:
+            self._consumer.resume([TopicPartition(self.settings.topic_raw, partition)])
+        except KafkaException as exc:
+            log.warning(
+                "could not resume a partition",
+                extra={"partition": partition, "error": exc.args[0].name()},
+            )
 
     def _produce(self, outputs: Sequence[Output]) -> None:
         pending = self._out_pending
@@ -403,8 +420,7 @@ class PipelineService:
             self._offsets.pop(partition, None)
             if owned is None:
                 continue
-            if owned.paused:
-                self.metrics.paused.dec()
+            self._resume(partition, owned)  # or it stays paused when it comes back
             for gauge in (self.metrics.buffered, self.metrics.watermark_lag):
                 with contextlib.suppress(KeyError):  # never set
                     gauge.remove(str(partition))
@@ -451,8 +467,8 @@ class PipelineService:
             if corrupt:
                 self.metrics.changelog_corrupt.inc(corrupt)
             old = self._owned.get(partition)
-            if old is not None and old.paused:
-                self.metrics.paused.dec()
+            if old is not None:  # a rebuild: the new state pauses again if it must
+                self._resume(partition, old)
             self._owned[partition] = _Owned(pipeline, next_offset=committed.get(partition))
             log.info(
                 "partition state restored",

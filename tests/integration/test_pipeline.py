@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ from collections import Counter
 import confluent_kafka
 import orjson
 import pytest
+from aiokafka.partitioner import murmur2
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 
@@ -255,6 +257,88 @@ def _wait_for(running: PipelineProcess, metric: str, at_least: float, timeout_s:
 
 
 _ABORTED = 'wifi_pipeline_transactions_total{result="aborted"}'
+
+
+def test_a_partition_paused_when_its_transaction_aborts_is_read_again_after_the_rebuild(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    rig.limit_dlq_record_bytes(2_000)  # every transaction holding the dead letter aborts
+    at = now_ms()
+    poison = _dead_letter_too_large_for(2_000, user_id=7)
+    # More records than a consume batch, so the first batch comes at once; three waiting
+    # records fill the buffer and pause the partition, and no tick (once a minute) resumes it
+    # before the transaction fails to commit.
+    rig.produce([poison, *(login_body(user_id=7, at_ms=at + n) for n in range(600))])
+    running = rig.spawn(
+        PIPELINE_MAX_BUFFERED="3", PIPELINE_LATENESS_S="600", PIPELINE_TICK_MS="60000"
+    )
+    _wait_for(running, _ABORTED, 1, timeout_s=30)
+    assert "reorder buffer full: partition paused" in running.logs()
+
+    rig.limit_dlq_record_bytes(1_048_588)  # the broker's default again
+
+    outs = rig.read(count=1, timeout_s=30)  # only the bound or a tick releases the logins
+    assert [o.record["raw"] for o in outs] == [poison], running.logs()
+
+
+def test_a_partition_paused_when_revoked_is_read_again_when_it_comes_back(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    at = now_ms()
+    # Every partition fills its buffer of three and is paused; no tick (every 15 s) resumes
+    # one before b takes some. (A consume call waits for the tick too, unless its batch fills
+    # or a transaction is open: a's reads below come at its ticks.)
+    rig.produce([login_body(user_id=n % 300, at_ms=at + n) for n in range(600)])
+    a = rig.spawn(
+        "a", PIPELINE_MAX_BUFFERED="3", PIPELINE_LATENESS_S="600", PIPELINE_TICK_MS="15000"
+    )
+    _wait_for(a, "wifi_pipeline_paused_partitions", rig.partitions, timeout_s=30)
+    b = rig.spawn("b", PIPELINE_MAX_BUFFERED="3", PIPELINE_LATENESS_S="600")  # takes some
+    assert rig.stop(b) == 0  # static member: its partitions go back to a after 10 s
+    _wait_for(a, "wifi_pipeline_assigned_partitions", rig.partitions, timeout_s=40)
+    revoked = re.findall(r"partitions revoked +partitions=\[([\d, ]+)\]", a.logs())
+    moved = {int(n) for numbers in revoked for n in numbers.split(",")}
+    assert moved, a.logs()
+
+    # One login into each partition that moved: a reads it (full or not, a restored state
+    # starts unpaused; the partitions a kept are full, and read one record per tick).
+    users = {_partition_of(str(n).encode(), rig.partitions): n for n in range(1000, 1100)}
+    rig.produce([login_body(user_id=users[p], at_ms=now_ms()) for p in sorted(moved)])
+
+    lag = _committed_lag(rig, moved, timeout_s=40)
+    assert lag == dict.fromkeys(moved, 0), a.logs()
+
+
+def _partition_of(key: bytes, partitions: int) -> int:
+    """The partition the bridge's murmur2 partitioner gives ``key``."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def _committed_lag(
+    rig: PipelineRig, partitions: set[int], *, timeout_s: float = 30.0
+) -> dict[int, int]:
+    """Raw records of ``partitions`` the pipeline group has not committed, by partition
+    (after up to ``timeout_s`` for them all to be committed)."""
+    t = rig.topics
+    group = {"bootstrap.servers": rig.bootstrap, "group.id": t["group"]}
+    consumer = confluent_kafka.Consumer(group)
+    try:
+        tps = [confluent_kafka.TopicPartition(t["raw"], p) for p in sorted(partitions)]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ends = [consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps]
+            committed = consumer.committed(tps, timeout=10)
+            lag = {
+                tp.partition: end - max(tp.offset, 0)
+                for tp, end in zip(committed, ends, strict=True)
+            }
+            if not any(lag.values()) or time.monotonic() > deadline:
+                return lag
+            time.sleep(0.5)
+    finally:
+        consumer.close()
 
 
 def test_an_output_the_broker_refuses_aborts_the_transaction_and_the_pipeline_goes_on(
