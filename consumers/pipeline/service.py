@@ -131,8 +131,9 @@ class PipelineService:
         self._records_out = {
             route: metrics.records_out.labels(route=route.value) for route in Route
         }
-        # Counted here per record, moved into the Prometheus counters once per consume batch:
-        # a counter's inc() takes a lock.
+        # Counted here per record, moved into the Prometheus counters when the transaction
+        # commits (a counter's inc() takes a lock, and an aborted transaction's records are
+        # read again): see _count().
         self._out_pending = dict.fromkeys(Route, 0)
         self._owned: dict[int, _Owned] = {}
         self._offsets: dict[int, int] = {}
@@ -177,7 +178,6 @@ class PipelineService:
                         if self._rebuild_pending:  # aborted in a callback of this consume call
                             break  # the rest was read past the committed offsets: read again
                         self._handle(message)
-                    self._count_out()
                     now = time.monotonic()
                     if now >= next_tick:
                         next_tick = now + tick_s
@@ -259,7 +259,6 @@ class PipelineService:
                 self.metrics.watermark_lag.labels(partition=label).set(
                     (now_ms - watermark_ms) / 1000
                 )
-        self._count()
 
     def _resume(self, partition: int, owned: _Owned) -> None:
         """Lift the pause ``owned`` put on its partition.
@@ -286,13 +285,6 @@ class PipelineService:
             headers = cast(_ProducerHeaders, output.headers)
             self._send(self._routes[output.route], output.key, output.value, headers=headers)
             pending[output.route] += 1
-
-    def _count_out(self) -> None:
-        pending = self._out_pending
-        for route, count in pending.items():
-            if count:
-                self._records_out[route].inc(count)
-                pending[route] = 0
 
     def _send(
         self,
@@ -379,6 +371,10 @@ class PipelineService:
                 raise PipelineError(f"could not abort the transaction: {error.name()}") from exc
         self._in_transaction = False
         self._offsets.clear()
+        # What it counted is read again (or by the next owner) and counted when committed.
+        self._out_pending = dict.fromkeys(Route, 0)
+        for owned in self._owned.values():
+            owned.pipeline.counts.reset()
         self.metrics.transactions.labels(result="aborted").inc()
 
     # ----------------------------------------------------------------------------------------
@@ -414,7 +410,6 @@ class PipelineService:
         self._drop(numbers)
 
     def _drop(self, partitions: Sequence[int]) -> None:
-        self._count()
         for partition in partitions:
             owned = self._owned.pop(partition, None)
             self._offsets.pop(partition, None)
@@ -485,8 +480,15 @@ class PipelineService:
     # ----------------------------------------------------------------------------------------
 
     def _count(self) -> None:
-        """Move the pipelines' own counts into the Prometheus counters."""
-        self._count_out()
+        """Move the counts of the transaction just committed into the Prometheus counters.
+
+        Only then: the records of an aborted transaction are read and counted again. (Outside
+        a transaction nothing is counted: every record and every release opens one.)
+        """
+        for route, count in self._out_pending.items():
+            if count:
+                self._records_out[route].inc(count)
+                self._out_pending[route] = 0
         m = self.metrics
         for partition, owned in self._owned.items():
             counts = owned.pipeline.counts

@@ -361,6 +361,30 @@ def test_an_output_the_broker_refuses_aborts_the_transaction_and_the_pipeline_go
     assert running.process.poll() is None, running.logs()
 
 
+def test_an_aborted_transaction_counts_nothing_in_the_metrics(pipeline_rig: PipelineRig) -> None:
+    """The records of an aborted transaction are read again: counted once, when committed."""
+    rig = pipeline_rig
+    rig.limit_dlq_record_bytes(2_000)
+    poison = _dead_letter_too_large_for(2_000, user_id=8)
+    rig.produce([poison, login_body(user_id=8, at_ms=now_ms())])
+    running = rig.spawn()  # ticks every 200 ms, between the reads and the failed commits
+    _wait_for(running, _ABORTED, 3, timeout_s=60)
+
+    rig.limit_dlq_record_bytes(1_048_588)
+    assert len(rig.read(count=2, timeout_s=30, settle_s=1)) == 2
+    _wait_for(running, 'wifi_pipeline_transactions_total{result="committed"}', 1, timeout_s=5)
+
+    expected = {
+        'wifi_pipeline_records_in_total{outcome="accepted"}': 1,
+        'wifi_pipeline_records_in_total{outcome="invalid"}': 1,
+        'wifi_pipeline_invalid_records_total{reason="missing_authentication_time"}': 1,
+        'wifi_pipeline_records_out_total{route="dlq"}': 1,
+        'wifi_pipeline_records_out_total{route="visits"}': 1,
+        "wifi_pipeline_visits_opened_total": 1,
+    }
+    assert {name: running.metric(name) for name in expected} == expected
+
+
 def test_a_changelog_with_fewer_partitions_than_the_input_stops_with_a_clear_error(
     pipeline_rig: PipelineRig,
 ) -> None:
