@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -208,19 +209,31 @@ def _service(
     try:
         settings = load(args, os.environ)
     except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _configuration_error(exc)
     logs.configure(level=settings.log_level, log_format=settings.log_format)
     module, _, name = runner.partition(":")
     run: Callable[[S], int] = getattr(importlib.import_module(module), name)
     try:
         return run(settings)
     except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _configuration_error(exc)
     except OSError as exc:  # e.g. the port is taken
         print(f"wifi-bridge: cannot run {what}: {exc}", file=sys.stderr)
         return 1
+
+
+def _configuration_error(exc: ConfigError) -> int:
+    """Print what is wrong, with the flags of the settings it names; the exit code is 2."""
+    message = str(exc)
+    flags = [
+        option.flag
+        for _, options in SETTINGS_TABLES
+        for option in options
+        if re.search(rf"\b{option.env}\b", message)
+    ]
+    hint = f" (flag {', '.join(dict.fromkeys(flags))})" if flags else ""
+    print(f"wifi-bridge: configuration error: {message}{hint}", file=sys.stderr)
+    return 2
 
 
 def _spool(args: argparse.Namespace) -> int:
@@ -233,8 +246,7 @@ def _spool(args: argparse.Namespace) -> int:
         logs.configure(level="WARNING", log_format="text")
         return asyncio.run(spool_cli.drain(args.directory, kafka))
     except ConfigError as exc:
-        print(f"wifi-bridge: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _configuration_error(exc)
     except WifiBridgeError as exc:
         print(f"wifi-bridge: {exc}", file=sys.stderr)
         return 1

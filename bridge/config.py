@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,35 @@ def integer(values: Values, name: str, *, minimum: int, maximum: int | None = No
         upper = "" if maximum is None else f" and at most {maximum}"
         raise ConfigError(f"{name}: expected at least {minimum}{upper}, got {number}")
     return number
+
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def topic(values: Values, name: str) -> str:
+    """A Kafka topic name: 1 to 249 of ``[A-Za-z0-9._-]``, and neither ``.`` nor ``..``."""
+    raw = text(values, name)
+    if raw in {".", ".."} or not _TOPIC.fullmatch(raw):
+        raise ConfigError(
+            f"{name}: expected a Kafka topic name (1 to 249 letters, digits, '.', '_' or '-', "
+            f"and not '.' or '..'), got {raw!r}"
+        )
+    return raw
+
+
+def host(values: Values, name: str) -> str:
+    """An IP address (IPv6 with or without brackets) or a DNS host name."""
+    raw = text(values, name)
+    bare = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    labels = raw.removesuffix(".").split(".")
+    if len(raw) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(f"{name}: expected an IP address or a host name, got {raw!r}")
+    return raw
 
 
 def log_level(values: Values, name: str) -> str:

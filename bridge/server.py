@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import ssl
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from bridge.errors import ConfigError
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.metrics import BridgeMetrics
 from bridge.publisher import KafkaPublisher, Publisher
-from bridge.settings import BridgeSettings
+from bridge.settings import BridgeSettings, server_tls_context
 from bridge.spool import DEFAULT_SEGMENT_BYTES, Spool, SpoolUnavailable
 from bridge.web_app import BridgeState, Receiver, create_app
 
@@ -55,10 +56,7 @@ def run(settings: BridgeSettings) -> int:
 def _tls_context(settings: BridgeSettings) -> ssl.SSLContext | None:
     if settings.tls_certfile is None or settings.tls_keyfile is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
-    return context
+    return server_tls_context(settings.tls_certfile, settings.tls_keyfile)
 
 
 def _connector(settings: BridgeSettings, metrics: BridgeMetrics) -> Connect:
@@ -109,10 +107,27 @@ async def serve(
         handle_signals=False,
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, settings.host, settings.port, ssl_context=_tls_context(settings), backlog=1024
-    )
-    await site.start()
+    try:
+        site = web.TCPSite(
+            runner, settings.host, settings.port, ssl_context=_tls_context(settings), backlog=1024
+        )
+        await site.start()
+    except BaseException as exc:
+        await runner.cleanup()
+        await publisher.stop()
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        if isinstance(exc, socket.gaierror):
+            raise ConfigError(
+                f"BRIDGE_HOST: cannot listen on {settings.host!r}: {exc.strerror}"
+            ) from None
+        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+            where = f"{settings.host}:{settings.port}"
+            detail = exc.strerror or str(exc)
+            raise OSError(
+                exc.errno, f"cannot listen on {where} (BRIDGE_HOST, BRIDGE_PORT): {detail}"
+            ) from exc
+        raise
     scheme = "https" if settings.tls_certfile else "http"
     shown_path = settings.webhook_path + ("/<token>" if settings.token else "")
     log.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,9 +202,15 @@ class BridgeSettings:
     @classmethod
     def from_values(cls, values: config.Values) -> BridgeSettings:
         path = config.text(values, "BRIDGE_WEBHOOK_PATH").rstrip("/")
-        if not path.startswith("/") or path in {"", "/healthz", "/readyz", "/metrics"}:
+        if (
+            not path.startswith("/")
+            or path in {"", "/healthz", "/readyz", "/metrics"}
+            # { } would make a pattern of the route; ? # and spaces never reach a path
+            or any(c in "{}?#" or c.isspace() for c in path)
+        ):
             raise ConfigError(
-                f"BRIDGE_WEBHOOK_PATH: expected a path such as /webhooks/bt-wifi, got {path!r}"
+                "BRIDGE_WEBHOOK_PATH: expected a path such as /webhooks/bt-wifi (starting with /, "
+                f"without {{ }} ? # or spaces, not /healthz, /readyz or /metrics), got {path!r}"
             )
         token = config.optional_text(values, "BRIDGE_TOKEN")
         if token is not None and not _TOKEN.fullmatch(token):
@@ -212,11 +219,11 @@ class BridgeSettings:
             )
         settings = cls(
             kafka=KafkaSettings.from_values(values),
-            host=config.text(values, "BRIDGE_HOST"),
+            host=config.host(values, "BRIDGE_HOST"),
             port=config.integer(values, "BRIDGE_PORT", minimum=0, maximum=65535),
             webhook_path=path,
-            topic_raw=config.text(values, "BRIDGE_TOPIC_RAW"),
-            topic_dlq=config.text(values, "BRIDGE_TOPIC_DLQ"),
+            topic_raw=config.topic(values, "BRIDGE_TOPIC_RAW"),
+            topic_dlq=config.topic(values, "BRIDGE_TOPIC_DLQ"),
             token=token,
             basic_auth_username=config.optional_text(values, "BRIDGE_BASIC_AUTH_USERNAME"),
             basic_auth_password=config.optional_text(values, "BRIDGE_BASIC_AUTH_PASSWORD"),
@@ -245,6 +252,8 @@ class BridgeSettings:
             )
         if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
             raise ConfigError("BRIDGE_TLS_CERTFILE and BRIDGE_TLS_KEYFILE go together")
+        if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+            server_tls_context(settings.tls_certfile, settings.tls_keyfile)  # refuses bad PEMs
         return settings
 
     @classmethod
@@ -271,3 +280,50 @@ def _max_body_bytes(values: config.Values) -> int:
             "bytes with key and headers, the broker's max.message.bytes 1 MiB)"
         )
     return size
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # Without a callback OpenSSL would prompt on the terminal for the key's password.
+    raise _EncryptedKey
+
+
+def server_tls_context(certfile: Path, keyfile: Path) -> ssl.SSLContext:
+    """The webhook server's HTTPS context (TLS 1.2 or later) from PEM files.
+
+    Raises :class:`ConfigError` naming BRIDGE_TLS_CERTFILE or BRIDGE_TLS_KEYFILE when a file
+    cannot be read, holds no PEM certificate, or the key is encrypted or not the certificate's.
+    """
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=certfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"BRIDGE_TLS_CERTFILE: {str(certfile)!r} is not a readable PEM certificate: "
+            f"{_ssl_reason(exc)}"
+        ) from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile, password=_no_password)
+    except _EncryptedKey:
+        raise ConfigError(
+            f"BRIDGE_TLS_KEYFILE: {str(keyfile)!r} is encrypted; the bridge takes an "
+            "unencrypted PEM key"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"BRIDGE_TLS_KEYFILE: {str(keyfile)!r} is not a readable PEM private key of the "
+            f"certificate in BRIDGE_TLS_CERTFILE: {_ssl_reason(exc)}"
+        ) from None
+    return context
+
+
+def _ssl_reason(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.strerror or str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
