@@ -24,11 +24,12 @@ import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
+from consumers.sinks.analytics import service
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
 from consumers.sinks.analytics.service import serve
 from consumers.sinks.analytics.settings import AnalyticsSettings
@@ -736,3 +737,47 @@ async def test_a_record_too_large_to_dead_letter_whole_is_cut_to_fit_and_the_sin
     assert letter.value is not None
     assert 0 < len(letter.value) < len(big)
     assert big.startswith(letter.value)
+
+
+async def test_kafka_unreachable_at_start_is_waited_out_not_a_crash(
+    kafka_bootstrap: str,
+    topics: Topics,
+    analytics_target: AnalyticsTarget,
+    run_sink_until: RunSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = known_stream(topics)
+    await produce(kafka_bootstrap, stream, per_transaction=3)
+    # What a broker restarting with the sink answers: the first two attempts cannot connect.
+    failures = [KafkaConnectionError(), KafkaConnectionError()]
+
+    async def unreachable_twice(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await ensure_topics(*args)
+
+    monkeypatch.setattr(service, "ensure_topics", unreachable_twice)
+
+    metrics = await run_sink_until(analytics_target, len(stream))
+
+    assert not failures
+    assert metrics.registry.get_sample_value("wifi_sink_analytics_retries_total") == 2
+    assert await fetch_one(analytics_target.port(), "SELECT count(*) FROM logins") == 6
+
+
+async def test_a_sink_started_without_a_broker_waits_and_stops_cleanly(
+    topics: Topics, tmp_path: Path
+) -> None:
+    target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'a.duckdb'}")
+    env = sink_env(f"127.0.0.1:{free_port()}", target, topics, ANALYTICS_METRICS_PORT="0")
+    metrics, stop = AnalyticsMetrics(), asyncio.Event()
+    task = asyncio.create_task(
+        serve(AnalyticsSettings.load(None, env), stop=stop, handle_signals=False, metrics=metrics)
+    )
+    await asyncio.sleep(2)
+    assert not task.done(), "the sink exited while Kafka was unreachable"
+    stop.set()
+    assert await asyncio.wait_for(task, 30) == 0
+    retries = metrics.registry.get_sample_value("wifi_sink_analytics_retries_total")
+    assert retries is not None
+    assert retries >= 2

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -195,34 +195,79 @@ class AnalyticsSink:
     # -- main loop
 
     async def run(self) -> None:
+        """Start the Kafka clients (waiting for Kafka, with backoff), then read until stopped."""
         settings = self._settings
-        kafka = settings.kafka
-        await ensure_topics(kafka, [TopicSpec(t) for t in (*settings.topics, settings.topic_dlq)])
-        self._producer = AIOKafkaProducer(
-            **client_options(kafka),
+        topics = [TopicSpec(t) for t in (*settings.topics, settings.topic_dlq)]
+        try:
+            started = (
+                await self._until_started("topics", lambda: ensure_topics(settings.kafka, topics))
+                and await self._until_started("producer", self._start_producer)
+                and await self._until_started("consumer", self._start_consumer)
+            )
+            if started:
+                assert self._consumer is not None
+                await self._loop(self._consumer)
+        finally:
+            if self._consumer is not None:
+                await self._consumer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
+            await self._store.close()
+
+    async def _until_started(self, what: str, start: Callable[[], Awaitable[object]]) -> bool:
+        """Run ``start`` until it succeeds; False when stopped first.
+
+        Kafka unreachable when the sink starts (a broker restarting with it) is waited out,
+        as an outage later is: exiting would only restart the process into the same wait.
+        """
+        while not self._stop.is_set():
+            try:
+                await start()
+            except (KafkaError, OSError) as exc:
+                self._metrics.retries.inc()
+                log.warning(
+                    "Kafka not reachable yet, retrying",
+                    extra={"step": what, "error": type(exc).__name__, "backoff_s": self._backoff_s},
+                )
+                await self._pause()
+                continue
+            self._backoff_s = _FIRST_BACKOFF_S
+            return True
+        return False
+
+    async def _start_producer(self) -> None:
+        producer = AIOKafkaProducer(
+            **client_options(self._settings.kafka),
             acks="all",
             enable_idempotence=True,
             max_request_size=_DLQ_MAX_BYTES,
         )
-        self._consumer = AIOKafkaConsumer(
-            **client_options(kafka),
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def _start_consumer(self) -> None:
+        settings = self._settings
+        consumer = AIOKafkaConsumer(
+            **client_options(settings.kafka),
             group_id=settings.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=settings.batch_max_records,
         )
-        await self._producer.start()
+        consumer.subscribe(list(settings.topics), listener=_Rebalance(self))
+        # Set before it starts: an assignment the rebalance callback meets pauses its partitions.
+        self._consumer = consumer
         try:
-            self._consumer.subscribe(list(settings.topics), listener=_Rebalance(self))
-            await self._consumer.start()
-            try:
-                await self._loop(self._consumer)
-            finally:
-                await self._consumer.stop()
-        finally:
-            await self._producer.stop()
-            await self._store.close()
+            await consumer.start()
+        except BaseException:
+            self._consumer = None
+            await consumer.stop()
+            raise
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         next_check_s = time.monotonic() + _CLAIM_CHECK_S
