@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -47,6 +48,29 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+#: aiohttp's own loggers: their DEBUG lines carry request lines, and so the URL token.
+_AIOHTTP_LOGGERS = ("aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.internal")
+
+
+class _WithoutRequestBytes(logging.Filter):
+    """Keeps a request aiohttp could not parse out of its log line, leaving the error's class.
+
+    aiohttp logs such a request at ERROR with the exception, whose text quotes the offending
+    bytes: for a broken request line, the path with the URL token.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = None
+            record.exc_text = None
+            record.error = type(exc).__name__
+        return True
+
+
+_WITHOUT_REQUEST_BYTES = _WithoutRequestBytes()
+
+
 def configure(*, level: str = "INFO", log_format: str = "auto") -> None:
     """Route every logger to stderr in the chosen format (``json``, ``text`` or ``auto``)."""
     if log_format == "auto":
@@ -56,6 +80,12 @@ def configure(*, level: str = "INFO", log_format: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet = max(logging.getLevelName(level), logging.WARNING)
     # aiohttp's access log would print the path, and so the URL token: never enable it.
     logging.getLogger("aiohttp.access").disabled = True
-    logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    for name in _AIOHTTP_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
+    server = logging.getLogger("aiohttp.server")
+    if _WITHOUT_REQUEST_BYTES not in server.filters:
+        server.addFilter(_WITHOUT_REQUEST_BYTES)
+    logging.getLogger("aiokafka").setLevel(quiet)

@@ -70,22 +70,29 @@ async def test_both_sample_layouts_plain_and_gzipped_land_keyed_888_with_exact_b
         assert int(headers_of(record)["received-at"]) > 1_700_000_000_000
 
 
-async def raw_post(url: str, head: bytes, body: bytes) -> tuple[int, dict[str, object]]:
-    """POST with header bytes exactly as given (a client would refuse to send some of them)."""
+async def send_raw(url: str, data: bytes) -> bytes:
+    """``data`` to the server of ``url`` as it is; the whole answer."""
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     try:
-        writer.write(
-            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\nConnection: close\r\n"
-            % (parts.path.encode(), parts.netloc.encode(), len(body))
-            + head
-            + b"\r\n"
-            + body
-        )
-        response = await reader.read()
+        writer.write(data)
+        return await reader.read()
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def raw_post(url: str, head: bytes, body: bytes) -> tuple[int, dict[str, object]]:
+    """POST with header bytes exactly as given (a client would refuse to send some of them)."""
+    parts = urlsplit(url)
+    response = await send_raw(
+        url,
+        b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\nConnection: close\r\n"
+        % (parts.path.encode(), parts.netloc.encode(), len(body))
+        + head
+        + b"\r\n"
+        + body,
+    )
     status_line, _, rest = response.partition(b"\r\n")
     payload = rest.partition(b"\r\n\r\n")[2]
     return int(status_line.split()[1]), orjson.loads(payload)
@@ -386,6 +393,14 @@ async def test_logs_never_contain_personal_data_or_the_token_even_at_debug(
     assert (await post(bridge.webhook_url, truncated, headers={"Content-Encoding": "gzip"}))[
         0
     ] == 400
+    # Requests aiohttp cannot parse, which it logs with the bytes at fault: the request line.
+    path = urlsplit(bridge.webhook_url).path.encode()
+    for broken in (
+        b"POST %s HTTP/1.1x\r\n\r\n" % path,  # bad status line: logged at ERROR
+        b"P\x00ST %s HTTP/1.1\r\n\r\n" % path,  # bad method: logged at DEBUG
+        b"POST %s\x01 HTTP/1.1\r\n\r\n" % path,  # bad URL: logged at ERROR
+    ):
+        assert (await send_raw(bridge.webhook_url, broken)).startswith(b"HTTP/1.0 400")
     assert bridge.process is not None
     bridge.process.send_signal(signal.SIGTERM)
     assert bridge.process.wait(timeout=30) == 0
