@@ -11,13 +11,14 @@ import zlib
 
 from aiohttp import web
 
-from bridge.errors import BadEncoding, BodyTooLarge, UnsupportedEncoding
+from bridge.errors import BadEncoding, BodyTooLarge, ClientDisconnected, UnsupportedEncoding
 
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
 async def read_bounded(request: web.Request, *, max_bytes: int) -> bytes:
-    """The raw request body; :class:`BodyTooLarge` once it passes ``max_bytes``.
+    """The raw request body; :class:`BodyTooLarge` once it passes ``max_bytes``, and
+    :class:`ClientDisconnected` when the client goes away before it is complete.
 
     The application's ``client_max_size`` must be ``max_bytes``: aiohttp then counts the bytes
     as they arrive (chunked bodies included) and stops reading past the limit.
@@ -29,6 +30,8 @@ async def read_bounded(request: web.Request, *, max_bytes: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"body exceeds the limit of {max_bytes} bytes") from None
+    except ConnectionResetError:  # aiohttp's word for a connection lost mid-body
+        raise ClientDisconnected("the connection closed before the body was complete") from None
 
 
 def decode(raw: bytes, content_encoding: str, *, max_bytes: int) -> bytes:

@@ -60,6 +60,12 @@ class BodyTooLarge(RequestError):
     code = "body_too_large"
 
 
+class ClientDisconnected(RequestError):
+    """The client closed the connection before its body arrived; nobody is left to answer."""
+
+    code = "client_disconnected"
+
+
 class Unauthorized(RequestError):
     http_status = 401
     code = "unauthorized"

@@ -23,6 +23,7 @@ from bridge.auth import Gate
 from bridge.errors import (
     BadBody,
     BadEncoding,
+    ClientDisconnected,
     RequestError,
     Unauthorized,
     WifiBridgeError,
@@ -101,6 +102,9 @@ class Receiver:
         self.metrics.in_flight += 1
         try:
             outcome, response = await self._webhook(request, method)
+        except ClientDisconnected as exc:
+            log.info("the client went away before its body arrived")  # no one to answer
+            outcome, response = exc.code, _error(exc)
         except WifiBridgeError as exc:
             outcome, response = exc.code, _error(exc)
         except Exception:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import logging
 import re
 import signal
 from collections.abc import Awaitable, Callable
@@ -311,6 +312,45 @@ async def test_body_that_is_not_a_json_object_gets_400_and_a_dead_letter(
     assert headers_of(records[0])["dlq-reason"] == code.encode()
     assert await consume(kafka_bootstrap, bridge.topic_raw, count=0, timeout_s=1) == []
     await _still_serves(bridge)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: 1000\r\n", b"Transfer-Encoding: chunked\r\n"],
+    ids=["sized", "chunked"],
+)
+async def test_a_client_gone_mid_body_is_its_own_outcome_and_no_error(
+    start_bridge: StartBridge, caplog: pytest.LogCaptureFixture, framing: bytes
+) -> None:
+    bridge = await start_bridge()
+    parts = urlsplit(bridge.webhook_url)
+    with caplog.at_level("INFO"):
+        _, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (parts.path.encode(), framing))
+        writer.write(b'5\r\n{"use' if b"chunked" in framing else b'{"user":')
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler is reading the body
+        writer.close()
+        await writer.wait_closed()
+        outcome = 'wifi_bridge_requests_total{method="POST",outcome="client_disconnected"}'
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await _text_metrics(bridge)).count(outcome + " 1.0") == 0:
+            assert asyncio.get_running_loop().time() < deadline, "no client_disconnected outcome"
+            await asyncio.sleep(0.1)
+    assert 'outcome="internal_error"' not in await _text_metrics(bridge)
+    mine = [r for r in caplog.records if r.name.startswith(("bridge", "aiohttp"))]
+    assert [r.levelname for r in mine if r.levelno >= logging.WARNING] == []
+    (gone,) = [r for r in mine if "went away" in r.getMessage()]
+    assert (gone.levelname, gone.exc_info) == ("INFO", None)
+    await _still_serves(bridge)
+
+
+async def _text_metrics(bridge: RunningBridge) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(bridge.base_url + "/metrics") as response,
+    ):
+        return await response.text()
 
 
 async def test_500_concurrent_posts_all_arrive_exactly_once(
