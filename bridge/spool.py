@@ -505,7 +505,11 @@ def _set_aside(fd: int, segment_id: int, gap: Gap, corrupt_dir: Path, *, fsync: 
         return _Incident(segment_id, gap.start, gap.end, gap.reason, saved_as, new, error)
 
     try:
+        # Not "seen before" when corrupt/ is a file: mkdir raises FileExistsError for that too.
         corrupt_dir.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return incident(None, new=True, error=f"{type(exc).__name__}: {exc.strerror}")
+    try:
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         return incident(path, new=False)
@@ -1011,6 +1015,9 @@ class Spool:
             if self._fsync:
                 # Segments fsync their own entries; the new directory's entry needs this.
                 _fsync_dir(self._directory.parent)
+        if self._corrupt_dir.exists() and not self._corrupt_dir.is_dir():
+            # Damage could not be set aside: it would be skipped without a copy or a count.
+            raise OSError(errno.ENOTDIR, f"{self._corrupt_dir} is not a directory")
         lock_fd = os.open(
             self._directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
         )

@@ -191,6 +191,16 @@ def test_serve_prints_a_bad_setting_with_its_flag_and_exits_2_without_a_tracebac
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_serve_refuses_a_spool_whose_corrupt_path_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "corrupt").write_text("not a directory")
+    result = serve_process(tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "BRIDGE_SPOOL_DIR: cannot use" in result.stderr
+    assert "corrupt is not a directory (flag --bridge-spool-dir)" in result.stderr
+
+
 def test_a_body_limit_past_what_kafka_takes_by_default_is_refused() -> None:
     assert load(BRIDGE_MAX_BODY_BYTES=str(MAX_BODY_BYTES_LIMIT)).max_body_bytes == 983040
     with pytest.raises(ConfigError, match=r"BRIDGE_MAX_BODY_BYTES: at most 983040 .*max\.bytes"):

@@ -488,6 +488,37 @@ async def test_damage_found_while_reading_a_live_spool_is_skipped_and_counted(
         assert spool.stats().records == 0
 
 
+def put_a_file_at_corrupt(spool_dir: Path) -> None:
+    spool_dir.mkdir(exist_ok=True)
+    (spool_dir / "corrupt").write_text("not a directory")
+
+
+async def test_a_corrupt_path_that_is_a_file_refuses_to_open_the_spool(spool_dir: Path) -> None:
+    put_a_file_at_corrupt(spool_dir)
+    with pytest.raises(SpoolUnavailable, match="corrupt is not a directory"):
+        await Spool(directory=spool_dir).open()
+
+
+async def test_damage_that_cannot_be_set_aside_is_still_counted_and_logged(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = [make_record(i) for i in range(5)]
+    async with Spool(directory=spool_dir) as spool:
+        for record in records:
+            await spool.append(record)
+        put_a_file_at_corrupt(spool_dir)  # while the spool is open
+        segment = spool_dir / "00000000000000000001.seg"
+        with segment.open("r+b") as f:
+            f.seek(FRAME_BYTES + 20)
+            f.write(b"\x00")
+        with caplog.at_level("WARNING", logger="bridge.spool"):
+            assert values(await read_all(spool)) == values_of(records, skip=1)
+        assert spool.stats().corrupt_records == 1
+        (warning,) = [r for r in caplog.records if "set aside" in r.getMessage()]
+        assert warning.saved_as is None  # type: ignore[attr-defined]
+        assert "FileExistsError" in warning.error  # type: ignore[attr-defined]
+
+
 async def test_length_running_past_the_end_mid_segment_resyncs_at_the_next_record(
     spool_dir: Path,
 ) -> None:
