@@ -86,6 +86,12 @@ class PipelineMetrics:
             ["result"],
             registry=r,
         )
+        self.producer_replacements = Counter(
+            "wifi_pipeline_producer_replacements",
+            "Transactional producers replaced after failing for good (fenced by the transaction "
+            "coordinator, say); the partitions are rebuilt from what is committed",
+            registry=r,
+        )
         self.transaction_seconds = Histogram(
             "wifi_pipeline_transaction_commit_seconds",
             "Time to write state, send offsets and commit one transaction",

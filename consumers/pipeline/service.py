@@ -64,11 +64,22 @@ class PipelineError(Exception):
 
 
 class _TransactionFailed(Exception):
-    """The open transaction cannot commit: abort it and rebuild the owned partitions."""
+    """The open transaction cannot commit: abort it and rebuild the owned partitions.
 
-    def __init__(self, reason: str) -> None:
+    ``fatal``: the producer itself failed for good (librdkafka's fatal errors, such as
+    ``_FENCED``); it can neither abort nor start another transaction and is replaced.
+    """
+
+    def __init__(self, reason: str, *, fatal: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.fatal = fatal
+
+
+# A producer that fails for good is replaced, this many times within this window at most;
+# more means another live instance keeps taking the transactional id, and the service stops.
+_MAX_PRODUCER_REPLACEMENTS = 3
+_PRODUCER_REPLACEMENT_WINDOW_S = 300.0
 
 
 @dataclass(slots=True)
@@ -104,17 +115,20 @@ class PipelineService:
                 "heartbeat.interval.ms": 1_000,
             }
         )
-        self._producer = confluent_kafka.Producer(
-            {
-                **base,
-                "transactional.id": settings.transactional_id,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "partitioner": "murmur2_random",
-                "transaction.timeout.ms": settings.transaction_timeout_ms,
-            }
-        )
+        self._producer_config = {
+            **base,
+            "transactional.id": settings.transactional_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "partitioner": "murmur2_random",
+            "transaction.timeout.ms": settings.transaction_timeout_ms,
+        }
+        self._producer = confluent_kafka.Producer(self._producer_config)
+        # Set when the producer failed for good: it is replaced once the consume call in
+        # progress has returned (init_transactions blocks; not in a rebalance callback).
+        self._producer_failed: str | None = None
+        self._replacements: list[float] = []
         self._restorer_config = {
             **base,
             "group.id": f"{settings.group_id}-restore",
@@ -185,7 +199,9 @@ class PipelineService:
                     if self._in_transaction and now - self._transaction_started >= commit_s:
                         self._commit()
                 except _TransactionFailed as exc:
-                    self._fail(exc.reason)
+                    self._fail(exc)
+                if self._producer_failed is not None:
+                    self._replace_producer()
                 if self._rebuild_pending:
                     self._rebuild_pending = False
                     self._rebuild(list(self._owned))
@@ -193,7 +209,7 @@ class PipelineService:
                 try:
                     self._commit()
                 except _TransactionFailed as exc:
-                    self._abort(exc.reason)  # read again by whoever takes the partitions
+                    self._fail(exc)  # read again by whoever takes the partitions
         finally:
             log.info("pipeline stopping: leaving the group")
             try:
@@ -312,7 +328,10 @@ class PipelineService:
 
     def _begin(self) -> None:
         if not self._in_transaction:
-            self._producer.begin_transaction()
+            try:
+                self._producer.begin_transaction()
+            except KafkaException as exc:
+                raise self._transaction_failed(exc) from exc
             self._in_transaction = True
             self._transaction_started = time.monotonic()
 
@@ -347,28 +366,45 @@ class PipelineService:
         self.metrics.transaction_seconds.observe(time.monotonic() - started)
 
     def _transaction_failed(self, exc: KafkaException) -> _TransactionFailed:
-        """What a producer error means for the transaction; raises if the producer is done."""
+        """What a producer error means for the transaction."""
         error: KafkaError = exc.args[0]
-        if error.fatal() or error.code() == KafkaError._FATAL:
-            raise PipelineError(
-                f"the transactional producer failed for good ({error.name()}): another "
-                f"instance may use transactional id {self.settings.transactional_id}"
-            ) from exc
-        return _TransactionFailed(error.name())
+        fatal = error.fatal() or error.code() == KafkaError._FATAL
+        return _TransactionFailed(error.name(), fatal=fatal)
 
-    def _fail(self, reason: str) -> None:
-        """Abort the open transaction; the owned partitions are rebuilt after this consume."""
-        self._abort(reason)
+    def _fail(self, failure: _TransactionFailed) -> None:
+        """Abort the open transaction; the owned partitions are rebuilt after this consume.
+
+        Safe inside a rebalance callback: a producer that failed for good is only marked
+        for replacement here.
+        """
+        if failure.fatal:
+            self._discard_transaction()
+            log.warning("the transaction failed for good", extra={"reason": failure.reason})
+            self._producer_failed = failure.reason
+        elif not self._abort(failure.reason):
+            self._producer_failed = failure.reason
         self._rebuild_pending = True
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str) -> bool:
+        """Abort the open transaction; False when the producer failed for good instead.
+
+        Either way nothing of the transaction is committed: a producer that failed for good
+        cannot commit, and its replacement's init_transactions aborts what it left open.
+        """
         log.warning("aborting the transaction", extra={"reason": reason})
+        aborted = True
         try:
             self._producer.abort_transaction(_KAFKA_TIMEOUT_S)
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
-            if error.fatal():
-                raise PipelineError(f"could not abort the transaction: {error.name()}") from exc
+            if error.fatal() or error.code() == KafkaError._FATAL:
+                aborted = False
+                log.warning("could not abort the transaction", extra={"error": error.name()})
+        self._discard_transaction()
+        return aborted
+
+    def _discard_transaction(self) -> None:
+        """Forget the open transaction: it is not committed, and what it read is read again."""
         self._in_transaction = False
         self._offsets.clear()
         # What it counted is read again (or by the next owner) and counted when committed.
@@ -376,6 +412,36 @@ class PipelineService:
         for owned in self._owned.values():
             owned.pipeline.counts.reset()
         self.metrics.transactions.labels(result="aborted").inc()
+
+    def _replace_producer(self) -> None:
+        """A new transactional producer in place of one that failed for good.
+
+        A transaction coordinator that fails over mid-commit can leave the producer fenced
+        (``_FENCED``) though no other instance runs; the new producer's init_transactions
+        takes the transactional id back and aborts what the old one left open. The
+        partitions are then rebuilt from what is committed.
+        """
+        reason, self._producer_failed = self._producer_failed, None
+        now = time.monotonic()
+        self._replacements = [
+            t for t in self._replacements if now - t < _PRODUCER_REPLACEMENT_WINDOW_S
+        ]
+        if len(self._replacements) >= _MAX_PRODUCER_REPLACEMENTS:
+            raise PipelineError(
+                f"the transactional producer failed for good ({reason}) "
+                f"{len(self._replacements) + 1} times in {_PRODUCER_REPLACEMENT_WINDOW_S:.0f} s: "
+                f"another instance may use transactional id {self.settings.transactional_id}"
+            )
+        self._replacements.append(now)
+        log.warning(
+            "the transactional producer failed for good: replacing it",
+            extra={"reason": reason, "transactional_id": self.settings.transactional_id},
+        )
+        self._producer.purge()  # what it holds belongs to the transaction that failed
+        self._producer = confluent_kafka.Producer(self._producer_config)
+        self._producer.init_transactions(_KAFKA_TIMEOUT_S)
+        self.metrics.producer_replacements.inc()
+        self._rebuild_pending = True
 
     # ----------------------------------------------------------------------------------------
     # Rebalances (called by librdkafka from inside consume())
@@ -397,7 +463,7 @@ class PipelineService:
             try:
                 self._commit()
             except _TransactionFailed as exc:
-                self._fail(exc.reason)
+                self._fail(exc)
         self._drop(numbers)
 
     def _on_lost(
@@ -406,7 +472,7 @@ class PipelineService:
         numbers = [tp.partition for tp in partitions]
         log.warning("partitions lost", extra={"partitions": numbers})
         if self._in_transaction:
-            self._fail("partitions lost")
+            self._fail(_TransactionFailed("partitions lost"))
         self._drop(numbers)
 
     def _drop(self, partitions: Sequence[int]) -> None:

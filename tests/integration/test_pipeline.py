@@ -445,3 +445,34 @@ def test_a_restore_reads_the_committed_entries_and_skips_partitions_that_hold_no
         2: [],
     }
     assert _read_changelog(config, unique_topic("absent"), [0, 1]) == {0: [], 1: []}
+
+
+def test_a_producer_fenced_for_good_is_replaced_and_every_event_still_comes_once(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    running = rig.spawn("a")
+    sent: list[bytes] = []
+    producer = threading.Thread(
+        target=lambda: sent.extend(_stream(rig, seconds=10, rate_per_s=100, seed=3))
+    )
+    producer.start()
+    time.sleep(3)
+    # What a coordinator failover can do to it too: the epoch moves on, _FENCED is fatal.
+    intruder = confluent_kafka.Producer(
+        {"bootstrap.servers": rig.bootstrap, "transactional.id": rig.topics["group"] + "-a"}
+    )
+    intruder.init_transactions(30)
+    producer.join()
+    expected = _expected_ids(sent)
+
+    outs = rig.read(count=len(expected), timeout_s=120)
+
+    assert running.process.poll() is None, running.logs()
+    # Once, or twice when the intruder's own init_transactions finished after the first
+    # replacement's (it waits for the transaction it aborted) and fenced the new one too.
+    replaced = running.metric("wifi_pipeline_producer_replacements_total") or 0
+    assert 1 <= replaced <= 2, running.logs()
+    got = event_ids(outs)
+    assert set(got) == expected
+    assert max(got.values()) == 1
