@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from devkafka.broker import LocalKafka, free_port
-from tests.fixtures.bridge import RunningBridge, metric
+from tests.fixtures.bridge import RunningBridge, metric, wait_for_metric
 from tests.fixtures.kafka import consume
 from tests.fixtures.samples import login_body
 
@@ -42,17 +42,6 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[i
     async with session.post(url, data=body) as response:
         payload = await response.json()
         return response.status, time.monotonic() - started, (payload, dict(response.headers))
-
-
-async def wait_for_metric(
-    bridge: RunningBridge, name: str, wanted: float, timeout_s: float = 60.0
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await metric(bridge, name) == wanted:
-            return
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"{name} did not reach {wanted} in {timeout_s} s")
 
 
 async def test_broker_stopped_during_posts_every_post_gets_200_in_time_and_all_land_after_restart(
