@@ -136,6 +136,8 @@ def test_every_rendered_object_is_valid_for_the_kubernetes_api(variant: str) -> 
             "kafka.minInsyncReplicas (2) cannot exceed kafka.replicationFactor (1)",
         ),
         ((*MINIMAL, "--set", "bridge.maxBodyBytes=100"), "/bridge/maxBodyBytes"),
+        ((*MINIMAL, "--set", "bridge.maxBodyBytes=983041"), "/bridge/maxBodyBytes"),
+        ((*MINIMAL, "--set", "bridge.shutdownTimeoutSeconds=0"), "/bridge/shutdownTimeoutSeconds"),
         (
             (*MINIMAL, "--set", "bridge.secretEnv.BRIDGE_TOKEN.key=token"),
             "secretEnv.BRIDGE_TOKEN.secret is required",
