@@ -14,7 +14,10 @@ output topic, in turn, rounds alternating:
   and ``send``);
 - ``pipeline``: the shipped service (state, changelog, transactions, read_committed);
 - ``logic-only``: the pipeline's stages (normalise, dedup, reorder, visits, changelog entries)
-  on the same records in this process, without Kafka: what the stages cost by themselves.
+  on the same records in this process, without Kafka: what the stages cost by themselves;
+- ``shell``: the shipped service with stages that do nothing but forward each record and
+  write one changelog entry for it (read_committed, transactions, changelog, offsets): what
+  exactly-once costs on this client before any of the pipeline's own work.
 
 Each contender's clock starts when its partitions are assigned (group-join delays are the
 broker's, not the contender's) and stops when the last output is written (committed, for the
@@ -44,7 +47,7 @@ from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
 from consumers.pipeline.metrics import PipelineMetrics
 from consumers.pipeline.normalise import normalise
-from consumers.pipeline.partition import PartitionPipeline, RawRecord, WindowConfig
+from consumers.pipeline.partition import Output, PartitionPipeline, RawRecord, Route, WindowConfig
 from consumers.pipeline.service import PipelineService
 from consumers.pipeline.settings import PipelineSettings
 
@@ -190,7 +193,46 @@ async def _plain_aiokafka(bootstrap: str, source: str, target: str, total: int) 
         await consumer.stop()
 
 
-def _pipeline(bootstrap: str, source: str, target: str, expected: int) -> float:
+class _Forwarding(PartitionPipeline):
+    """Stages that do nothing: each record goes out as it came, with one changelog entry."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, config: WindowConfig) -> None:
+        super().__init__(config)
+        self._entries: list[tuple[bytes, bytes | None]] = []
+
+    @classmethod
+    def restore(
+        cls,
+        entries: object,
+        config: WindowConfig,
+        *,
+        now_ms: int | None = None,
+    ) -> tuple[PartitionPipeline, int]:
+        return cls(config), 0
+
+    def accept(self, raw: RawRecord) -> list[Output]:
+        event_id = raw.headers[0][1]
+        self._entries.append((b"e" + event_id, b'{"s":%d}' % raw.timestamp_ms))
+        self.counts.accepted += 1
+        return [Output(Route.VISITS, raw.key, raw.value, [("event-id", event_id)])]
+
+    def tick(self, now_ms: int, *, caught_up: bool) -> list[Output]:
+        return []
+
+    def take_changes(self) -> list[tuple[bytes, bytes | None]]:
+        entries, self._entries = self._entries, []
+        return entries
+
+
+def _pipeline(
+    bootstrap: str,
+    source: str,
+    target: str,
+    expected: int,
+    partition_type: type[PartitionPipeline] = PartitionPipeline,
+) -> float:
     group = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
     settings = PipelineSettings(
         kafka=KafkaSettings(bootstrap_servers=bootstrap, topic_partitions=PARTITIONS),
@@ -205,7 +247,7 @@ def _pipeline(bootstrap: str, source: str, target: str, expected: int) -> float:
         metrics_port=0,
     )
     metrics = PipelineMetrics()
-    service = PipelineService(settings, metrics=metrics)
+    service = PipelineService(settings, metrics=metrics, partition_type=partition_type)
     stop = threading.Event()
     runner = threading.Thread(target=service.run, args=(stop,))
     runner.start()
@@ -254,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "pipeline": lambda target: _pipeline(bootstrap, source, target, expected),
             "logic-only": lambda _target: _logic_only(records),
+            "shell": lambda target: _pipeline(bootstrap, source, target, args.records, _Forwarding),
         }
         rates: dict[str, list[float]] = {name: [] for name in contenders}
         for round_no in range(1, args.rounds + 1):
@@ -288,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "pipeline / plain loop on aiokafka: "
         f"{median['pipeline'] / median['passthrough-aiokafka']:.2f}"
+    )
+    print(
+        "exactly-once shell with stages that do nothing / plain passthrough loop: "
+        f"{median['shell'] / median['passthrough']:.2f} (the most any stages could reach)"
     )
     # What the target leaves per record, beside what the stages alone cost in this process.
     plain_us = 1e6 / median["passthrough"]

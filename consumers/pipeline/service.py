@@ -93,9 +93,18 @@ class _Owned:
 class PipelineService:
     """One pipeline instance: a consumer in the group, a transactional producer, the state."""
 
-    def __init__(self, settings: PipelineSettings, *, metrics: PipelineMetrics) -> None:
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        *,
+        metrics: PipelineMetrics,
+        partition_type: type[PartitionPipeline] = PartitionPipeline,
+    ) -> None:
+        """``partition_type``: the stages each input partition runs (its ``restore()`` builds
+        them); the benchmark swaps in stages that do nothing to measure this shell alone."""
         self.settings = settings
         self.metrics = metrics
+        self._partition_type = partition_type
         # librdkafka's own log lines go through Python logging (served by consume() and poll()).
         base = {**client_config(settings.kafka), "logger": logging.getLogger("librdkafka")}
         self._consumer = confluent_kafka.Consumer(
@@ -522,7 +531,7 @@ class PipelineService:
         }
         entries = _read_changelog(self._restorer_config, self.settings.topic_changelog, partitions)
         for partition in partitions:
-            pipeline, corrupt = PartitionPipeline.restore(
+            pipeline, corrupt = self._partition_type.restore(
                 entries.get(partition, []), self.settings.windows, now_ms=int(time.time() * 1000)
             )
             if corrupt:
