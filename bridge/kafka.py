@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, for_code
@@ -37,6 +37,26 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
             password=settings.ssl_key_password,
         )
     return options
+
+
+class _Client(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+ClientT = TypeVar("ClientT", bound=_Client)
+
+
+async def started(client: ClientT) -> ClientT:
+    """``client`` (an aiokafka producer or consumer) started; when its start fails it is
+    stopped again, so nothing is left behind and the start can simply be tried again."""
+    try:
+        await client.start()
+    except BaseException:
+        await client.stop()
+        raise
+    return client
 
 
 @dataclass(frozen=True, slots=True)

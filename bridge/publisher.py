@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from bridge.errors import BatchRefused, PublishError, RecordTooLarge
-from bridge.kafka import client_options
+from bridge.kafka import client_options, started
 from bridge.metrics import BridgeMetrics
 from bridge.settings import KafkaSettings
 
@@ -77,13 +77,7 @@ class KafkaPublisher:
 
     async def start(self) -> None:
         """Connect; a failed start leaves nothing behind, so it can simply be tried again."""
-        producer = AIOKafkaProducer(**self._options)
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
-        self._producer = producer
+        self._producer = await started(AIOKafkaProducer(**self._options))
 
     async def stop(self, *, timeout_s: float = 30.0) -> None:
         """Send what is buffered and wait for its acks (up to ``timeout_s``), then close."""

@@ -42,7 +42,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord
 
 from bridge.errors import ConfigError
-from bridge.kafka import TopicSpec, client_options, ensure_topics
+from bridge.kafka import TopicSpec, client_options, ensure_topics, started
 from consumers.sinks.contacts import (
     Login,
     SyncMark,
@@ -144,13 +144,7 @@ class DeadLetterProducer:
     async def start(self) -> None:
         if self._producer is not None:
             return
-        producer = self._make()
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
-        self._producer = producer
+        self._producer = await started(self._make())
 
     async def send(self, topic: str, record: DeadLetterRecord) -> None:
         await self.start()

@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from bridge.kafka import TopicSpec, client_options, ensure_topics
+from bridge.kafka import TopicSpec, client_options, ensure_topics, started
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
 from consumers.sinks.analytics.ports import sql_port
 from consumers.sinks.analytics.rows import Login, RejectedRecord, parse_login
@@ -242,12 +242,7 @@ class AnalyticsSink:
             enable_idempotence=True,
             max_request_size=_DLQ_MAX_BYTES,
         )
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
-        self._producer = producer
+        self._producer = await started(producer)
 
     async def _start_consumer(self) -> None:
         settings = self._settings
