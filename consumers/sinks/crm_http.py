@@ -17,6 +17,9 @@ from consumers.sinks.ratelimit import SlidingWindowLimiter
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_AFTER_S = 900.0
+"""The longest ``Retry-After`` the sink honours; a longer one waits this long and asks again."""
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -88,6 +91,14 @@ class HttpClient:
         if verdict is Verdict.RETRY:
             assert reason is not None
             retry_after_s = parse_retry_after(retry_after, now_epoch_s=time.time())
+            if retry_after_s is not None and retry_after_s > MAX_RETRY_AFTER_S:
+                # A wait of hours or days (a bogus header, a date in the wrong year) would
+                # stall the sink without a word; the backoff goes on asking instead.
+                log.warning(
+                    "the CRM's Retry-After is longer than the sink waits: capped",
+                    extra={"crm": self._crm, "retry_after_s": retry_after_s},
+                )
+                retry_after_s = MAX_RETRY_AFTER_S
             if status == 429:
                 self._limiter.block_until(self._clock() + (retry_after_s or 1.0))
             if reason is RetryReason.UNAUTHORIZED:

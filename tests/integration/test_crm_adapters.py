@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from consumers.sinks.contacts import Contact
-from consumers.sinks.crm_http import HttpClient
+from consumers.sinks.crm_http import MAX_RETRY_AFTER_S, HttpClient
 from consumers.sinks.crm_metrics import CrmMetrics
 from consumers.sinks.crm_port import CrmBatchRejected, CrmUnavailable
 from consumers.sinks.crm_retry import RetryReason
@@ -33,6 +33,7 @@ class Receiver:
 
     secret: bytes
     status: int = 200
+    retry_after: str | None = None
     url: str = ""
     contacts: list[dict[str, Any]] = field(default_factory=list)
     refused: int = 0
@@ -50,7 +51,8 @@ class Receiver:
             self.refused += 1
             return web.json_response({"error": "bad signature"}, status=401)
         if self.status != 200:
-            return web.json_response({"error": "no"}, status=self.status)
+            headers = {"Retry-After": self.retry_after} if self.retry_after else None
+            return web.json_response({"error": "no"}, status=self.status, headers=headers)
         self.contacts += orjson.loads(body)["contacts"]
         return web.json_response({"ok": True})
 
@@ -133,6 +135,22 @@ async def test_webhook_status_decides_between_rejected_and_retry(
             await crm.upsert(contacts(2))
     finally:
         await crm.close()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "wait_s"), [("30", 30.0), ("86400", MAX_RETRY_AFTER_S), ("1e300", 900.0)]
+)
+async def test_a_retry_after_longer_than_the_sink_waits_is_capped(
+    receiver: Receiver, retry_after: str, wait_s: float
+) -> None:
+    receiver.status, receiver.retry_after = 503, retry_after
+    crm = WebhookCrm(url=receiver.url, secret=SECRET, http=http())
+    try:
+        with pytest.raises(CrmUnavailable) as caught:
+            await crm.upsert(contacts(1))
+    finally:
+        await crm.close()
+    assert caught.value.retry_after_s == wait_s
 
 
 async def test_a_redirecting_crm_url_is_retried_and_never_counts_as_accepted() -> None:
