@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-import aiohttp
 import orjson
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -25,7 +24,7 @@ from bridge.event import identify
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
 from devkafka.broker import LocalKafkaCluster
-from tests.fixtures.bridge import RunningBridge, wait_for_metric
+from tests.fixtures.bridge import PostLoad, RunningBridge, wait_for_metric
 from tests.fixtures.kafka import consume
 from tests.fixtures.pipeline import PipelineRig
 from tests.fixtures.samples import login_body
@@ -71,52 +70,31 @@ async def test_a_leader_killed_during_posts_delays_no_answer_past_the_sender_and
         BRIDGE_ACK_TIMEOUT_MS="3000",
         **REPLICATED,
     )
-    acknowledged: list[bytes] = []
-    statuses: Counter[int] = Counter()
-    slowest_s = 0.0
-    sending = True
-
-    async def sender(worker: int) -> None:
-        nonlocal slowest_s
-        n = 0
-        async with aiohttp.ClientSession() as session:
-            while sending:
-                body = login_body(user_id=worker * 1_000_000 + n, minute=n % 60)
-                n += 1
-                started = time.monotonic()
-                async with session.post(bridge.webhook_url, data=body) as response:
-                    payload = await response.json()
-                slowest_s = max(slowest_s, time.monotonic() - started)
-                statuses[response.status] += 1
-                if response.status == 200:
-                    acknowledged.append(payload["eventId"].encode())
-                await asyncio.sleep(0.02)
-
-    workers = [asyncio.create_task(sender(w)) for w in range(8)]
+    load = PostLoad(bridge.webhook_url)
+    load.start(workers=8)
     await asyncio.sleep(2.0)
     victim = cluster.node(leader_index(cluster, bridge.topic_raw))
     await asyncio.to_thread(victim.kill)
     await asyncio.sleep(5.0)
-    during_outage = len(acknowledged)
+    during_outage = len(load.acknowledged)
     await asyncio.to_thread(victim.start)
     await asyncio.sleep(2.0)
-    sending = False
-    await asyncio.gather(*workers)
+    await load.stop()
 
-    assert set(statuses) == {200}, statuses
-    assert slowest_s < SENDER_TIMEOUT_S
-    assert len(acknowledged) > during_outage > 0
+    assert set(load.statuses) == {200}, load.statuses
+    assert load.slowest_s < SENDER_TIMEOUT_S
+    assert len(load.acknowledged) > during_outage > 0
     await wait_for_metric(bridge, "wifi_bridge_spool_records", 0.0)  # what it spooled is sent
     # A record can reach Kafka twice (the same event id), so the count alone is no end mark.
     records = await consume(
         cluster.bootstrap_servers,
         bridge.topic_raw,
-        count=len(acknowledged),
+        count=len(load.acknowledged),
         timeout_s=90,
         settle_s=5,
     )
-    missing = set(acknowledged) - {dict(r.headers)["event-id"] for r in records}
-    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged events are missing"
+    missing = set(load.acknowledged) - {dict(r.headers)["event-id"] for r in records}
+    assert not missing, f"{len(missing)} of {len(load.acknowledged)} acknowledged are missing"
 
 
 def test_each_node_killed_in_turn_during_a_stream_leaves_every_event_once_without_a_restart(

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from devkafka.broker import LocalKafka, free_port
-from tests.fixtures.bridge import RunningBridge, metric, wait_for_metric
+from tests.fixtures.bridge import PostLoad, RunningBridge, metric, wait_for_metric
 from tests.fixtures.kafka import consume
 from tests.fixtures.samples import login_body
 
@@ -50,42 +50,24 @@ async def test_broker_stopped_during_posts_every_post_gets_200_in_time_and_all_l
     bridge = await spawn_bridge(
         KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap_servers, BRIDGE_ACK_TIMEOUT_MS="1500"
     )
-    acknowledged: list[bytes] = []
-    slowest_s = 0.0
-    statuses: list[int] = []
-    sending = True
-
-    async def sender(worker: int) -> None:
-        nonlocal slowest_s
-        n = 0
-        async with aiohttp.ClientSession() as session:
-            while sending:
-                body = login_body(user_id=worker * 1_000_000 + n, minute=n)
-                n += 1
-                status, took_s, (payload, _) = await post(session, bridge.webhook_url, body)
-                statuses.append(status)
-                slowest_s = max(slowest_s, took_s)
-                if status == 200:
-                    acknowledged.append(payload["eventId"].encode())
-                await asyncio.sleep(0.02)
-
-    workers = [asyncio.create_task(sender(w)) for w in range(8)]
+    load = PostLoad(bridge.webhook_url)
+    load.start(workers=8)
     await asyncio.sleep(1.0)
-    before_outage = len(acknowledged)
+    before_outage = len(load.acknowledged)
     await asyncio.to_thread(own_broker.stop)
     await asyncio.sleep(4.0)
-    during_outage = len(acknowledged) - before_outage
+    during_outage = len(load.acknowledged) - before_outage
     await asyncio.to_thread(own_broker.start)
     await asyncio.sleep(2.0)
-    sending = False
-    await asyncio.gather(*workers)
+    await load.stop()
 
-    assert set(statuses) == {200}
-    assert slowest_s < SENDER_TIMEOUT_S
+    assert set(load.statuses) == {200}
+    assert load.slowest_s < SENDER_TIMEOUT_S
     assert before_outage > 0
     assert during_outage > 0, "no post was answered while the broker was down"
     assert await metric(bridge, "wifi_bridge_spooled_records_total") > 0
     await wait_for_metric(bridge, "wifi_bridge_spool_records", 0.0)
+    acknowledged = load.acknowledged
     records = await consume(
         own_broker.bootstrap_servers, bridge.topic_raw, count=len(acknowledged), timeout_s=60
     )
