@@ -240,8 +240,13 @@ class PipelineService:
                 if owned is not None:
                     owned.caught_up = True
                 return
-            if error.fatal():
-                raise PipelineError(f"consumer failed: {error.str()}")
+            # A fenced static member, say: librdkafka hands it over as a _FATAL event whose
+            # fatal() is False. Going on would leave the instance in the group with nothing.
+            if error.fatal() or error.code() == KafkaError._FATAL:
+                raise PipelineError(
+                    f"the consumer failed for good ({error.str()}); a restart rejoins the "
+                    "group with the committed state"
+                )
             log.warning("consumer error", extra={"error": error.name()})
             return
         offset = message.offset()

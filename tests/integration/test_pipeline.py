@@ -476,3 +476,31 @@ def test_a_producer_fenced_for_good_is_replaced_and_every_event_still_comes_once
     got = event_ids(outs)
     assert set(got) == expected
     assert max(got.values()) == 1
+
+
+def test_a_consumer_fenced_for_good_stops_the_instance_with_the_reason(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    running = rig.spawn("a")
+    # Another member with the same static id: the group fences the pipeline's consumer, which
+    # librdkafka reports only as an error event. The instance must not stay on with nothing.
+    intruder = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": rig.bootstrap,
+            "group.id": rig.topics["group"],
+            "group.instance.id": "a",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 10_000,
+        }
+    )
+    intruder.subscribe([rig.topics["raw"]])
+    try:
+        deadline = time.monotonic() + 60
+        while running.process.poll() is None and time.monotonic() < deadline:
+            intruder.poll(0.5)
+    finally:
+        intruder.close()
+
+    assert running.process.poll() == 1, running.logs()
+    assert "the consumer failed for good" in running.logs()
