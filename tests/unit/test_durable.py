@@ -288,12 +288,19 @@ async def test_a_spool_that_cannot_be_read_for_a_while_is_drained_once_it_can(
         for n in range(3):
             await publish(publisher, n)
         # The segment is unreadable: in its place a directory, which read() answers with EISDIR.
+        # Kafka stays down until a read has failed, so a read that began before the swap
+        # cannot deliver what it got; every read after that failure meets the directory.
         (segment,) = (tmp_path / "spool").glob("*.seg")
         moved = segment.rename(tmp_path / "moved.seg")
         segment.mkdir()
-        producer.fails, producer.broker_answers = False, True
         errors = {"error": "spool_unavailable"}
         await settle(lambda: sample(metrics, "wifi_bridge_spool_drain_errors_total", errors))
+        producer.fails, producer.broker_answers = False, True
+        failed = sample(metrics, "wifi_bridge_spool_drain_errors_total", errors) or 0
+        await settle(
+            lambda: (sample(metrics, "wifi_bridge_spool_drain_errors_total", errors) or 0) > failed,
+            timeout_s=30,
+        )
         assert producer.published == []
         segment.rmdir()
         moved.rename(segment)
