@@ -25,6 +25,12 @@ transaction fails at its commit, or earlier: once a record it produced was refus
 for its topic, or not delivered within the transaction timeout), librdkafka refuses every
 further produce of it. The rest of a consume batch read before a rebuild is dropped, and read
 again from the committed offsets.
+
+One librdkafka call is not trusted with its own timeout: ``send_offsets_to_transaction`` can
+block for good when the group coordinator fails over (librdkafka issues 5456 and 5511: the
+coordinator request's timeout is never checked). It runs on a thread of its own; past its
+timeout plus a grace the producer is given up as failed for good and replaced, and the
+partitions are rebuilt, as for any producer that failed for good.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -57,6 +63,8 @@ _BATCH = 500
 # spelling the type out in the call would build it again for every record.
 _ProducerHeaders = list[tuple[str, str | bytes | None]]
 _KAFKA_TIMEOUT_S = 30.0
+# How long past its own timeout a librdkafka call may block before it counts as hung.
+_HUNG_GRACE_S = 5.0
 
 
 class PipelineError(Exception):
@@ -67,13 +75,42 @@ class _TransactionFailed(Exception):
     """The open transaction cannot commit: abort it and rebuild the owned partitions.
 
     ``fatal``: the producer itself failed for good (librdkafka's fatal errors, such as
-    ``_FENCED``); it can neither abort nor start another transaction and is replaced.
+    ``_FENCED``, or a call that never returned); it can neither abort nor start another
+    transaction and is replaced.
     """
 
     def __init__(self, reason: str, *, fatal: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.fatal = fatal
+
+
+class CallHung(Exception):
+    """A blocking client call did not return within its deadline (it may still be running)."""
+
+
+def call_with_deadline(call: Callable[[], object], *, deadline_s: float, name: str) -> None:
+    """Run ``call`` on a thread of its own and wait for it at most ``deadline_s``.
+
+    Raises what ``call`` raised, or :class:`CallHung` when it is still running at the
+    deadline; the thread is then left behind (a daemon: it cannot hold up the exit).
+    """
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    if not done.wait(deadline_s):
+        raise CallHung(f"{name} did not return within {deadline_s:g} s")
+    if failure:
+        raise failure[0]
 
 
 # A producer that fails for good is replaced, this many times within this window at most;
@@ -138,6 +175,8 @@ class PipelineService:
         # progress has returned (init_transactions blocks; not in a rebalance callback).
         self._producer_failed: str | None = None
         self._replacements: list[float] = []
+        # Set when a call into the producer hung: the thread still inside it keeps it alive.
+        self._producer_hung = False
         self._restorer_config = {
             **base,
             "group.id": f"{settings.group_id}-restore",
@@ -361,14 +400,7 @@ class PipelineService:
                 for key, value in owned.pipeline.take_changes():
                     self._send(self.settings.topic_changelog, key, value, partition=partition)
             if self._offsets:
-                self._producer.send_offsets_to_transaction(
-                    [
-                        TopicPartition(self.settings.topic_raw, partition, offset)
-                        for partition, offset in self._offsets.items()
-                    ],
-                    self._consumer.consumer_group_metadata(),
-                    _KAFKA_TIMEOUT_S,
-                )
+                self._send_offsets()
             self._producer.commit_transaction(_KAFKA_TIMEOUT_S)
         except KafkaException as exc:
             raise self._transaction_failed(exc) from exc
@@ -378,6 +410,32 @@ class PipelineService:
         self._count()
         self.metrics.transactions.labels(result="committed").inc()
         self.metrics.transaction_seconds.observe(time.monotonic() - started)
+
+    def _send_offsets(self) -> None:
+        """The input offsets into the open transaction, on a thread that may hang (see the
+        module's docstring); a hung call fails the producer for good."""
+        producer = self._producer
+        offsets = [
+            TopicPartition(self.settings.topic_raw, partition, offset)
+            for partition, offset in self._offsets.items()
+        ]
+        group = self._consumer.consumer_group_metadata()
+        try:
+            call_with_deadline(
+                lambda: producer.send_offsets_to_transaction(offsets, group, _KAFKA_TIMEOUT_S),
+                deadline_s=_KAFKA_TIMEOUT_S + _HUNG_GRACE_S,
+                name="send_offsets_to_transaction",
+            )
+        except CallHung as exc:
+            log.error(
+                "a Kafka call hung past its timeout: giving the producer up",
+                extra={
+                    "call": "send_offsets_to_transaction",
+                    "waited_s": _KAFKA_TIMEOUT_S + _HUNG_GRACE_S,
+                },
+            )
+            self._producer_hung = True
+            raise _TransactionFailed(str(exc), fatal=True) from exc
 
     def _transaction_failed(self, exc: KafkaException) -> _TransactionFailed:
         """What a producer error means for the transaction."""
@@ -451,7 +509,13 @@ class PipelineService:
             "the transactional producer failed for good: replacing it",
             extra={"reason": reason, "transactional_id": self.settings.transactional_id},
         )
-        self._producer.purge()  # what it holds belongs to the transaction that failed
+        if self._producer_hung:
+            # A thread is still inside it: leave it alone (that thread holds it, so it is
+            # never destroyed under it). The new producer's init_transactions fences it, so
+            # nothing it still holds can commit.
+            self._producer_hung = False
+        else:
+            self._producer.purge()  # what it holds belongs to the transaction that failed
         self._producer = confluent_kafka.Producer(self._producer_config)
         self._producer.init_transactions(_KAFKA_TIMEOUT_S)
         self.metrics.producer_replacements.inc()
