@@ -16,12 +16,13 @@ from bridge.errors import BadEncoding, BodyTooLarge, ClientDisconnected, Unsuppo
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
-async def read_bounded(request: web.Request, *, max_bytes: int) -> bytes:
+async def read_bounded(request: web.BaseRequest, *, max_bytes: int) -> bytes:
     """The raw request body; :class:`BodyTooLarge` once it passes ``max_bytes``, and
     :class:`ClientDisconnected` when the client goes away before it is complete.
 
-    The application's ``client_max_size`` must be ``max_bytes``: aiohttp then counts the bytes
-    as they arrive (chunked bodies included) and stops reading past the limit.
+    The request's ``client_max_size`` must be ``max_bytes`` (see
+    :func:`bridge.web_app.create_server`): aiohttp then counts the bytes as they arrive
+    (chunked bodies included) and stops reading past the limit.
     """
     declared = request.content_length
     if declared is not None and declared > max_bytes:

@@ -25,7 +25,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.publisher import KafkaPublisher, Publisher
 from bridge.settings import BridgeSettings, server_tls_context
 from bridge.spool import DEFAULT_SEGMENT_BYTES, Spool, SpoolUnavailable
-from bridge.web_app import BridgeState, Receiver, create_app
+from bridge.web_app import BridgeState, Receiver, create_server
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,8 @@ async def serve(
         ) from None
     state = BridgeState()
     receiver = Receiver(settings=settings, publisher=publisher, metrics=metrics, state=state)
-    runner = web.AppRunner(
-        create_app(receiver),
-        auto_decompress=False,  # bodies are decompressed by us, with a bound on the output
-        access_log=None,  # an access log would print the URL token
-        shutdown_timeout=settings.shutdown_timeout_s,
-        handle_signals=False,
+    runner = web.ServerRunner(
+        create_server(receiver), shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False
     )
     await runner.setup()
     try:

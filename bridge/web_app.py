@@ -1,9 +1,14 @@
-"""The webhook receiver as an aiohttp application.
+"""The webhook receiver on aiohttp's low-level HTTP server.
 
 Request path on the webhook URL: allowlist -> path token -> basic auth -> method -> bounded
 read -> decompress -> parse once -> publish the decompressed bytes unchanged -> 200 after the
 broker's ack. Every answer on the webhook URL, errors included, carries
 ``wifiWebhookListener: 1`` so the portal's "Save and Validate" works.
+
+The server has four fixed paths, so it routes them itself, by one comparison and one dict
+look-up, on :class:`aiohttp.web.Server` rather than through an ``Application`` and its
+router: that machinery cost about a sixth of a bare handler's time per request (measured with
+``make bench``'s load, a bare handler on each: 23.9k and 28.8k requests/s).
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from typing import Any
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 
 from bridge import body as bodies
 from bridge.auth import Gate
@@ -93,10 +102,35 @@ class Receiver:
         self.state = state if state is not None else BridgeState()
         self.gate = Gate.from_settings(settings)
         self._ack_timeout_s = settings.ack_timeout_s
+        self._webhook_path = settings.webhook_path
+        self._token_prefix = settings.webhook_path + "/" if settings.token else None
+        self._routes: dict[str, Handler] = {
+            "/healthz": _get_only(self.healthz),
+            "/readyz": _get_only(self.readyz),
+            "/metrics": _get_only(self.metrics_endpoint),
+        }
 
-    async def webhook(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request: the webhook URL (``<path>/<token>`` when a token is set), the
+        operational endpoints, else 404."""
+        path = request.path
+        prefix = self._token_prefix
+        if prefix is None:
+            if path == self._webhook_path:
+                return await self.webhook(request, None)
+        elif path.startswith(prefix):
+            presented = path[len(prefix) :]
+            if presented and "/" not in presented:
+                return await self.webhook(request, presented)
+        handler = self._routes.get(path)
+        if handler is None:
+            return _not_found()
+        return await handler(request)
+
+    async def webhook(self, request: web.BaseRequest, token: str | None) -> web.StreamResponse:
+        """The webhook URL, with the token segment the request came with (None: none)."""
         method = request.method
-        if not self.gate.token_matches(request.match_info.get("token")):
+        if not self.gate.token_matches(token):
             self.metrics.count_request(method, "not_found")
             return _json(404, {"error": "not_found", "message": "no such URL"}, listener=False)
         self.metrics.in_flight += 1
@@ -116,7 +150,7 @@ class Receiver:
         self.metrics.count_request(method, outcome)
         return response
 
-    async def _webhook(self, request: web.Request, method: str) -> tuple[str, web.Response]:
+    async def _webhook(self, request: web.BaseRequest, method: str) -> tuple[str, web.Response]:
         gate = self.gate
         if gate.allowed_networks:
             # Every X-Forwarded-For line, in order, as one list: the last is what our proxy
@@ -135,7 +169,7 @@ class Receiver:
             return "method_not_allowed", response
         return await self._accept(request)
 
-    async def _accept(self, request: web.Request) -> tuple[str, web.Response]:
+    async def _accept(self, request: web.BaseRequest) -> tuple[str, web.Response]:
         settings = self.settings
         received_ms = int(time.time() * 1000)
         content_type = request.headers.get(hdrs.CONTENT_TYPE, _JSON)
@@ -208,10 +242,10 @@ class Receiver:
             return
         self.metrics.dead_letters.labels(reason=exc.code).inc()
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: web.BaseRequest) -> web.Response:
         return _json(200, {"status": "alive"}, listener=False)
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: web.BaseRequest) -> web.Response:
         state = self.state
         if state.shutting_down:
             return _json(503, {"status": "shutting_down"}, listener=False)
@@ -226,7 +260,7 @@ class Receiver:
             return _json(503, {"status": "unavailable", "kafka": kafka}, listener=False)
         return _json(200, {"status": "ready", "kafka": kafka}, listener=False)
 
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+    async def metrics_endpoint(self, request: web.BaseRequest) -> web.Response:
         # Set at every scrape too: the chart probes only /healthz, and an alert reads this.
         self.metrics.kafka_ready.set(1 if self.publisher.connected else 0)
         response = web.Response(body=self.metrics.render())
@@ -234,30 +268,40 @@ class Receiver:
         return response
 
 
-RECEIVER = web.AppKey("receiver", Receiver)
+Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
 
-def create_app(receiver: Receiver) -> web.Application:
-    settings = receiver.settings
-    # client_max_size bounds request.read(); see bridge.body.read_bounded.
-    app = web.Application(client_max_size=settings.max_body_bytes)
-    app[RECEIVER] = receiver
-    route = settings.webhook_path + ("/{token}" if settings.token else "")
-    app.router.add_route("*", route, receiver.webhook)
-    app.router.add_route("*", "/healthz", _get_only(receiver.healthz))
-    app.router.add_route("*", "/readyz", _get_only(receiver.readyz))
-    app.router.add_route("*", "/metrics", _get_only(receiver.metrics_endpoint))
-    app.router.add_route("*", "/{anything:.*}", _not_found)
-    return app
+def create_server(receiver: Receiver, **kwargs: Any) -> web.Server:
+    """The HTTP server of ``receiver`` (to run with :class:`aiohttp.web.ServerRunner`);
+    ``kwargs`` go to aiohttp's request handler."""
+    max_size = receiver.settings.max_body_bytes
+    loop = asyncio.get_running_loop()
 
+    def make_request(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        # client_max_size bounds request.read(); see bridge.body.read_bounded.
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, loop, client_max_size=max_size
+        )
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+    return web.Server(
+        receiver.handle,
+        request_factory=make_request,
+        auto_decompress=False,  # bodies are decompressed by us, with a bound on the output
+        access_log=None,  # an access log would print the URL token
+        **kwargs,
+    )
 
 
 def _get_only(handler: Handler) -> Handler:
-    """JSON 405 for other methods (a route per method would answer aiohttp's plain text)."""
+    """JSON 405 for other methods."""
 
-    async def only_get(request: web.Request) -> web.Response:
+    async def only_get(request: web.BaseRequest) -> web.Response:
         if request.method not in {hdrs.METH_GET, hdrs.METH_HEAD}:
             response = _json(
                 405, {"error": "method_not_allowed", "message": "use GET"}, listener=False
@@ -269,5 +313,5 @@ def _get_only(handler: Handler) -> Handler:
     return only_get
 
 
-async def _not_found(request: web.Request) -> web.Response:
+def _not_found() -> web.Response:
     return _json(404, {"error": "not_found", "message": "no such URL"}, listener=False)

@@ -178,10 +178,11 @@ async def test_metrics_say_whether_kafka_is_connected_without_a_readiness_probe(
     tmp_path: Path,
 ) -> None:
     """The chart never probes /readyz; its Kafka alert reads wifi_bridge_kafka_ready."""
-    from aiohttp.test_utils import TestClient, TestServer
+    from aiohttp import web
+    from aiohttp.test_utils import RawTestServer, TestClient
 
     from bridge.settings import BridgeSettings
-    from bridge.web_app import Receiver, create_app
+    from bridge.web_app import Receiver
 
     producer = ScriptedProducer(fails=False)
     publisher, metrics = durable(tmp_path, [producer])
@@ -190,7 +191,8 @@ async def test_metrics_say_whether_kafka_is_connected_without_a_readiness_probe(
         settings=BridgeSettings.load(None, {}), publisher=publisher, metrics=metrics
     )
     try:
-        async with TestClient(TestServer(create_app(receiver))) as client:
+        client: TestClient[web.BaseRequest, None]
+        async with TestClient(RawTestServer(receiver.handle)) as client:
             await settle(lambda: publisher.connected)
             text = await (await client.get("/metrics")).text()
             assert "wifi_bridge_kafka_ready 1.0" in text

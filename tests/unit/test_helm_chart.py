@@ -313,6 +313,9 @@ def exported_metrics(tmp_path: Path) -> dict[str, set[str]]:
     registries: list[CollectorRegistry] = []
     bridge = BridgeMetrics()
     bridge.watch_spool(Spool(directory=tmp_path / "spool"))
+    # Requests are counted by a collector of the bridge's own, which exports a labelled
+    # series once a request has been seen (as a labelled prometheus-client counter does).
+    bridge.count_request("POST", "accepted")
     registries.append(bridge.registry)
     for metrics in (PipelineMetrics(), AnalyticsMetrics(), CrmMetrics()):
         registries.append(metrics.registry)
