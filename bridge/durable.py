@@ -230,8 +230,11 @@ class DurablePublisher:
             kafka = self._kafka
             if kafka is None:
                 self._wakeup.clear()
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation
+                # that meets its timeout, which left stop() waiting on this task for good.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=_backoff(attempt))
+                    async with asyncio.timeout(_backoff(attempt)):
+                        await self._wakeup.wait()
                 continue
             delay = _backoff(attempt)
             try:
