@@ -205,7 +205,7 @@ class BridgeSettings:
         if (
             not path.startswith("/")
             or path in {"", "/healthz", "/readyz", "/metrics"}
-            # { } would make a pattern of the route; ? # and spaces never reach a path
+            # { } are refused as route patterns always were; ? # and spaces never reach a path
             or any(c in "{}?#" or c.isspace() for c in path)
         ):
             raise ConfigError(

@@ -271,9 +271,8 @@ class Receiver:
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
 
-def create_server(receiver: Receiver, **kwargs: Any) -> web.Server:
-    """The HTTP server of ``receiver`` (to run with :class:`aiohttp.web.ServerRunner`);
-    ``kwargs`` go to aiohttp's request handler."""
+def create_server(receiver: Receiver) -> web.Server:
+    """The HTTP server of ``receiver``, to run with :class:`aiohttp.web.ServerRunner`."""
     max_size = receiver.settings.max_body_bytes
     loop = asyncio.get_running_loop()
 
@@ -294,7 +293,6 @@ def create_server(receiver: Receiver, **kwargs: Any) -> web.Server:
         request_factory=make_request,
         auto_decompress=False,  # bodies are decompressed by us, with a bound on the output
         access_log=None,  # an access log would print the URL token
-        **kwargs,
     )
 
 

@@ -420,19 +420,17 @@ class PipelineService:
             for partition, offset in self._offsets.items()
         ]
         group = self._consumer.consumer_group_metadata()
+        deadline_s = _KAFKA_TIMEOUT_S + _HUNG_GRACE_S
         try:
             call_with_deadline(
                 lambda: producer.send_offsets_to_transaction(offsets, group, _KAFKA_TIMEOUT_S),
-                deadline_s=_KAFKA_TIMEOUT_S + _HUNG_GRACE_S,
+                deadline_s=deadline_s,
                 name="send_offsets_to_transaction",
             )
         except CallHung as exc:
             log.error(
                 "a Kafka call hung past its timeout: giving the producer up",
-                extra={
-                    "call": "send_offsets_to_transaction",
-                    "waited_s": _KAFKA_TIMEOUT_S + _HUNG_GRACE_S,
-                },
+                extra={"call": "send_offsets_to_transaction", "waited_s": deadline_s},
             )
             self._producer_hung = True
             raise _TransactionFailed(str(exc), fatal=True) from exc
