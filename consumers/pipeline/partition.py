@@ -30,6 +30,7 @@ of that transaction already says it left the buffer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -59,6 +60,8 @@ __all__ = [
     "Route",
     "WindowConfig",
 ]
+
+log = logging.getLogger(__name__)
 
 _VISIT_EXPIRY_INTERVAL_MS = 60_000
 #: How far a login time may be ahead of its receive time (the clocks of the sender and the
@@ -300,11 +303,12 @@ class PartitionPipeline:
         seen = self._seen
         # Ids out of the dedup window: tombstones, first (an id seen again in this pass is
         # written after them), so the compacted topic forgets them.
+        expired = self._dedup.take_expired()
         entries: list[tuple[bytes, bytes | None]] = [
-            (changelog.event_key(event_id), None)
-            for event_id in self._dedup.take_expired()
-            if event_id not in seen
+            (changelog.event_key(event_id), None) for event_id in expired if event_id not in seen
         ]
+        # Ids accepted in this pass that left the window in it too (and were not let in again).
+        gone = {i for i in expired if i in seen and i not in self._dedup} if expired else None
         if not seen and not self._dirty_visits:
             if not entries and meta == self._written_meta:
                 return []
@@ -314,6 +318,9 @@ class PartitionPipeline:
         released = self._buffer.released_through
         for event_id, (seen_ms, item, seq) in self._seen.items():
             if item is None or seq is None or (released and (item[2], seq) <= released):
+                if gone and event_id in gone:  # out of the window already: nothing to keep
+                    entries.append((changelog.event_key(event_id), None))
+                    continue
                 # Late, or released already: the meta below covers it, only dedup needs it.
                 value = changelog.encode_event(
                     seen_ms=seen_ms, event_ms=None, seq=None, record=None
@@ -385,11 +392,18 @@ class PartitionPipeline:
             gap_ms=config.visit_gap_ms,
             retention_ms=config.visit_retention_ms,
         )
-        items = [
-            (e.event_ms, e.seq, _item(_key_of(e.record), e.record, e.event_ms))
-            for e in state.events.values()
-            if e.record is not None and e.event_ms is not None and e.seq is not None
-        ]
+        items = []
+        corrupt = state.corrupt
+        for event_id, e in state.events.items():
+            if e.record is None or e.event_ms is None or e.seq is None:
+                continue
+            try:
+                item = _item(_key_of(e.record), e.record, e.event_ms)
+            except Exception:  # a record entry that is JSON but not a record: skip, count
+                log.warning("changelog entry holds no readable record", extra={"event": event_id})
+                corrupt += 1
+                continue
+            items.append((e.event_ms, e.seq, item))
         # The meta is written after the entries of its transaction, so it covers them, unless
         # it was lost (a corrupt entry): then no new record may get a number a buffered one
         # holds, or releasing one of the two would count the other as released.
@@ -404,7 +418,7 @@ class PartitionPipeline:
             max_buffered=config.max_buffered,
         )
         pipeline = cls(config, dedup=dedup, visits=visits, buffer=buffer, wall_clock_ms=now_ms)
-        return pipeline, state.corrupt
+        return pipeline, corrupt
 
     # ----------------------------------------------------------------------------------------
 

@@ -117,6 +117,14 @@ def call_with_deadline(call: Callable[[], object], *, deadline_s: float, name: s
 # more means another live instance keeps taking the transactional id, and the service stops.
 _MAX_PRODUCER_REPLACEMENTS = 3
 _PRODUCER_REPLACEMENT_WINDOW_S = 300.0
+# Rebuilds after an abort that could not seek back, in a row, before the instance stops.
+_MAX_FAILED_REBUILDS = 5
+# How often the broker looks for transactions past their timeout to abort them
+# (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s by default), with a margin.
+_TRANSACTION_ABORT_CHECK_S = 15.0
+# The most a partition assignment waits for its committed offsets: well within the consumer's
+# max.poll.interval.ms (300 s), past which the group would count the instance as gone.
+_MAX_COMMITTED_WAIT_S = 240.0
 
 
 @dataclass(slots=True)
@@ -198,12 +206,12 @@ class PipelineService:
         # read again): see _count().
         self._out_pending = dict.fromkeys(Route, 0)
         self._owned: dict[int, _Owned] = {}
-        self._offsets: dict[int, int] = {}
         self._in_transaction = False
         self._transaction_started = 0.0
         # Set when a transaction was aborted: the owned partitions go back to their committed
         # state and offsets once the consume call in progress has returned.
         self._rebuild_pending = False
+        self._failed_rebuilds = 0
 
     # ----------------------------------------------------------------------------------------
     # Main loop
@@ -226,9 +234,8 @@ class PipelineService:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        tick_s = self.settings.tick_ms / 1000
         commit_s = self.settings.commit_interval_ms / 1000
-        next_tick = time.monotonic() + tick_s
+        next_tick = time.monotonic() + self.settings.tick_ms / 1000
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -240,19 +247,13 @@ class PipelineService:
                         if self._rebuild_pending:  # aborted in a callback of this consume call
                             break  # the rest was read past the committed offsets: read again
                         self._handle(message)
-                    now = time.monotonic()
-                    if now >= next_tick:
-                        next_tick = now + tick_s
-                        self._tick()
-                    if self._in_transaction and now - self._transaction_started >= commit_s:
-                        self._commit()
+                    next_tick = self._after_consume(next_tick)
                 except _TransactionFailed as exc:
                     self._fail(exc)
                 if self._producer_failed is not None:
                     self._replace_producer()
                 if self._rebuild_pending:
-                    self._rebuild_pending = False
-                    self._rebuild(list(self._owned))
+                    self._rebuild_owned()
             if self._in_transaction:
                 try:
                     self._commit()
@@ -268,6 +269,23 @@ class PipelineService:
                 self._abort("shutdown")
             self._producer.flush(_KAFKA_TIMEOUT_S)
             log.info("pipeline stopped")
+
+    def _after_consume(self, next_tick: float) -> float:
+        """The timer and the commit, after a consume call; returns when the next tick is due.
+
+        Neither runs while a rebuild is pending: after an abort the state is ahead of what was
+        committed, and records released from it would be released again once it is rebuilt.
+        """
+        if self._rebuild_pending:
+            return next_tick
+        now = time.monotonic()
+        if now >= next_tick:
+            next_tick = now + self.settings.tick_ms / 1000
+            self._tick()
+        commit_s = self.settings.commit_interval_ms / 1000
+        if self._in_transaction and now - self._transaction_started >= commit_s:
+            self._commit()
+        return next_tick
 
     def _handle(self, message: confluent_kafka.Message) -> None:
         error = message.error()
@@ -304,7 +322,6 @@ class PipelineService:
         self._produce(outputs)
         owned.caught_up = False
         owned.next_offset = offset + 1
-        self._offsets[partition] = offset + 1
         if owned.pipeline.is_full and not owned.paused:
             owned.paused = True
             self._consumer.pause([TopicPartition(self.settings.topic_raw, partition)])
@@ -399,26 +416,37 @@ class PipelineService:
             for partition, owned in self._owned.items():
                 for key, value in owned.pipeline.take_changes():
                     self._send(self.settings.topic_changelog, key, value, partition=partition)
-            if self._offsets:
-                self._send_offsets()
+            offsets = self._transaction_offsets()
+            if offsets:
+                self._send_offsets(offsets)
             self._producer.commit_transaction(_KAFKA_TIMEOUT_S)
         except KafkaException as exc:
             raise self._transaction_failed(exc) from exc
         self._in_transaction = False
-        self._offsets.clear()
         self._producer.poll(0)  # serve its log lines
         self._count()
         self.metrics.transactions.labels(result="committed").inc()
         self.metrics.transaction_seconds.observe(time.monotonic() - started)
 
-    def _send_offsets(self) -> None:
+    def _transaction_offsets(self) -> list[TopicPartition]:
+        """The input position of every owned partition, for the transaction being committed.
+
+        Every partition's, not only those that took records: a transaction that only released
+        records or moved clocks (a tick) must carry offsets too, so that the group coordinator
+        refuses it from an instance that lost its partitions (KIP-447), and so that a new
+        owner's read of the committed offsets waits for it before reading the changelog.
+        """
+        topic = self.settings.topic_raw
+        return [
+            TopicPartition(topic, partition, owned.next_offset)
+            for partition, owned in self._owned.items()
+            if owned.next_offset is not None
+        ]
+
+    def _send_offsets(self, offsets: list[TopicPartition]) -> None:
         """The input offsets into the open transaction, on a thread that may hang (see the
         module's docstring); a hung call fails the producer for good."""
         producer = self._producer
-        offsets = [
-            TopicPartition(self.settings.topic_raw, partition, offset)
-            for partition, offset in self._offsets.items()
-        ]
         group = self._consumer.consumer_group_metadata()
         deadline_s = _KAFKA_TIMEOUT_S + _HUNG_GRACE_S
         try:
@@ -462,21 +490,29 @@ class PipelineService:
         cannot commit, and its replacement's init_transactions aborts what it left open.
         """
         log.warning("aborting the transaction", extra={"reason": reason})
-        aborted = True
-        try:
-            self._producer.abort_transaction(_KAFKA_TIMEOUT_S)
-        except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            if error.fatal() or error.code() == KafkaError._FATAL:
-                aborted = False
-                log.warning("could not abort the transaction", extra={"error": error.name()})
+        aborted = False
+        for attempt in range(2):
+            try:
+                self._producer.abort_transaction(_KAFKA_TIMEOUT_S)
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                log.warning(
+                    "could not abort the transaction",
+                    extra={"error": error.name(), "attempt": attempt + 1},
+                )
+                # librdkafka: a retriable error may be retried; anything else leaves the
+                # producer unable to begin another transaction, so it is replaced.
+                if error.retriable() and not error.fatal() and attempt == 0:
+                    continue
+                break
+            aborted = True
+            break
         self._discard_transaction()
         return aborted
 
     def _discard_transaction(self) -> None:
         """Forget the open transaction: it is not committed, and what it read is read again."""
         self._in_transaction = False
-        self._offsets.clear()
         # What it counted is read again (or by the next owner) and counted when committed.
         self._out_pending = dict.fromkeys(Route, 0)
         for owned in self._owned.values():
@@ -554,7 +590,6 @@ class PipelineService:
     def _drop(self, partitions: Sequence[int]) -> None:
         for partition in partitions:
             owned = self._owned.pop(partition, None)
-            self._offsets.pop(partition, None)
             if owned is None:
                 continue
             self._resume(partition, owned)  # or it stays paused when it comes back
@@ -563,20 +598,49 @@ class PipelineService:
                     gauge.remove(str(partition))
         self.metrics.assigned.set(len(self._owned))
 
-    def _rebuild(self, partitions: Sequence[int]) -> None:
-        """After an abort: state and positions back to what Kafka holds as committed."""
-        if not partitions:
+    def _rebuild_owned(self) -> None:
+        """Run the pending rebuild of every owned partition; one that failed is tried again
+        after the next consume call, and :data:`_MAX_FAILED_REBUILDS` in a row stop the
+        instance (a restart starts from what is committed)."""
+        self._rebuild_pending = False
+        if self._in_transaction:  # nothing of the state it was opened on may be committed
+            self._fail(_TransactionFailed("rebuild"))
+            if self._producer_failed is not None:
+                self._replace_producer()
+            self._rebuild_pending = False
+        if self._rebuild(list(self._owned)):
+            self._failed_rebuilds = 0
             return
+        self._failed_rebuilds += 1
+        if self._failed_rebuilds >= _MAX_FAILED_REBUILDS:
+            raise PipelineError(
+                f"the partitions could not be rebuilt after an abort ({self._failed_rebuilds} "
+                "attempts); a restart resumes from what is committed"
+            )
+        self._rebuild_pending = True
+
+    def _rebuild(self, partitions: Sequence[int]) -> bool:
+        """After an abort: state and positions back to what Kafka holds as committed.
+
+        False when a partition could not be moved back to its committed offset: it would go
+        on from where it had read to, past records whose processing was aborted, so the
+        rebuild has to be done again.
+        """
+        if not partitions:
+            return True
         committed = self._restore(self._consumer, partitions)
+        rebuilt = True
         for partition in partitions:
             offset = committed.get(partition, confluent_kafka.OFFSET_BEGINNING)
             try:
                 self._consumer.seek(TopicPartition(self.settings.topic_raw, partition, offset))
             except KafkaException as exc:
-                log.warning(
-                    "could not seek after an abort",
+                rebuilt = False
+                log.error(
+                    "could not seek after an abort; rebuilding again",
                     extra={"partition": partition, "error": exc.args[0].name()},
                 )
+        return rebuilt
 
     def _restore(
         self, consumer: confluent_kafka.Consumer, partitions: Sequence[int]
@@ -589,13 +653,7 @@ class PipelineService:
         # Offsets first: for a read_committed consumer this waits until no transaction that
         # carries offsets for these partitions is pending, so the changelog read below
         # already holds the state those offsets were committed with.
-        committed = {
-            tp.partition: tp.offset
-            for tp in consumer.committed(
-                [TopicPartition(topic, p) for p in partitions], _KAFKA_TIMEOUT_S
-            )
-            if tp.offset >= 0
-        }
+        committed = self._committed_offsets(consumer, topic, partitions)
         entries = _read_changelog(self._restorer_config, self.settings.topic_changelog, partitions)
         for partition in partitions:
             pipeline, corrupt = self._partition_type.restore(
@@ -618,6 +676,44 @@ class PipelineService:
             )
         self.metrics.restore_seconds.observe(time.monotonic() - started)
         return committed
+
+    def _committed_offsets(
+        self, consumer: confluent_kafka.Consumer, topic: str, partitions: Sequence[int]
+    ) -> dict[int, int]:
+        """The committed offsets of ``partitions`` (those that have one).
+
+        For a read_committed consumer the broker answers only once no transaction carrying
+        offsets for them is pending, and an instance that died mid-transaction leaves one
+        pending until the broker aborts it: up to the transaction timeout and the broker's
+        check interval. So the call is repeated until then, rather than failing the
+        assignment (and the instance) on the first timeout; an error for one partition is
+        not taken as "no offset", which would reprocess it from the beginning.
+        """
+        wait_s = min(
+            self.settings.transaction_timeout_ms / 1000 + _TRANSACTION_ABORT_CHECK_S,
+            _MAX_COMMITTED_WAIT_S,
+        )
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                answer = consumer.committed(
+                    [TopicPartition(topic, p) for p in partitions], _KAFKA_TIMEOUT_S
+                )
+                failed = next((tp for tp in answer if tp.error is not None), None)
+                if failed is not None:
+                    raise KafkaException(failed.error)
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal() or time.monotonic() >= deadline:
+                    raise
+                log.warning(
+                    "committed offsets not available yet (a transaction may be pending); "
+                    "asking again",
+                    extra={"partitions": list(partitions), "error": error.name()},
+                )
+                time.sleep(1.0)
+                continue
+            return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
 
     # ----------------------------------------------------------------------------------------
 

@@ -64,6 +64,10 @@ class Deduplicator:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def __contains__(self, event_id: object) -> bool:
+        """Whether ``event_id`` is within the window (a repeat of it would be dropped)."""
+        return event_id in self._seen
+
     @property
     def clock_ms(self) -> int | None:
         """The largest time given so far; a new id is recorded at this time."""

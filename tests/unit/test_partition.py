@@ -446,3 +446,34 @@ def test_the_changelog_forgets_what_left_the_windows_so_compaction_bounds_it() -
     restored, corrupt = PartitionPipeline.restore(written, config)
     assert corrupt == 0
     assert restored.dedup_entries == pipeline.dedup_entries
+
+
+def test_a_buffered_entry_that_is_json_but_no_record_is_skipped_and_counted_on_restore() -> None:
+    """A damaged entry must not stop its partition from being assigned (a crash loop)."""
+    pipeline = PartitionPipeline(CONFIG)
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0)))
+    entries = pipeline.take_changes()
+    entries.insert(0, (changelog.event_key("damaged"), b'{"s":1,"t":5,"q":0,"r":{}}'))
+
+    restored, corrupt = PartitionPipeline.restore(entries, CONFIG)
+
+    assert corrupt == 1
+    assert restored.buffered == 1  # the readable record is still there
+    assert [o.key for o in restored.tick(T0 + 10**9, caught_up=True)] == [b"1"]
+
+
+def test_an_id_that_comes_and_leaves_the_window_in_one_pass_gets_its_tombstone() -> None:
+    """Or the compacted changelog keeps an entry for it until some restore expires it."""
+    config = WindowConfig(dedup_window_ms=10_000, lateness_ms=0)
+    pipeline = PartitionPipeline(config, wall_clock_ms=T0 + 10**6)
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0), T0))
+    pipeline.accept(raw(login_body(user_id=2, at_ms=T0 + 20_000), T0 + 20_000))  # 1 expires
+    log = pipeline.take_changes()
+    for n in range(3, 8):
+        at_ms = T0 + n * 20_000
+        pipeline.accept(raw(login_body(user_id=n, at_ms=at_ms), at_ms))
+        log += pipeline.take_changes()
+
+    folded = changelog.fold(log)
+
+    assert len(folded.events) == pipeline.dedup_entries == 1
