@@ -43,7 +43,9 @@ class DurablePublisher:
     ``connect`` returns a started producer (it provisions topics first); it is retried with
     backoff until it succeeds and again whenever the producer has to be rebuilt.
     ``ack_timeout_s`` bounds the wait for Kafka on the request path; ``drain_timeout_s``
-    (default 30) bounds the drainer's wait for a batch; ``drain_batch_records`` (default 500)
+    (default 30, longer than the producer's own delivery timeout, so that a failed batch's
+    records are reported failed by the producer, not still queued in it, when they are sent
+    again) bounds the drainer's wait for a batch; ``drain_batch_records`` (default 500)
     is how many spooled records one drain step publishes at once.
     """
 
@@ -83,7 +85,9 @@ class DurablePublisher:
     async def start(self) -> None:
         """Open the spool (raises SpoolUnavailable if it cannot) and start connecting."""
         await self._spool.open()
-        self._backlog = self._spool.stats().records > 0
+        stats = self._spool.stats()
+        # A segment that could not be read at open holds records too: the drainer tries it.
+        self._backlog = stats.records > 0 or stats.unreadable_segments > 0
         if self._backlog:
             log.info(
                 "spool holds records from before", extra={"records": self._spool.stats().records}
@@ -193,6 +197,11 @@ class DurablePublisher:
     def _note_failure(self, kafka: Publisher, exc: PublishError) -> None:
         self._failures += 1
         fatal = isinstance(kafka, RdKafkaPublisher) and kafka.fatal_error is not None
+        # One check at a time: when Kafka goes away every request in flight fails at once, and
+        # a check each would be that many metadata requests, each holding a worker thread for
+        # its whole timeout.
+        if self._checks and not fatal:
+            return
         if fatal or self._failures >= _WEDGED_AFTER_FAILURES:
             task = asyncio.create_task(self._maybe_rebuild(kafka, fatal=fatal))
             self._checks.add(task)  # the loop keeps only a weak reference to a task

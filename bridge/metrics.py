@@ -184,6 +184,11 @@ class _SpoolCollector(Collector):
             "Age of the oldest record waiting in the spool (0 when empty)",
             oldest_s,
         )
+        yield GaugeMetricFamily(
+            "wifi_bridge_spool_unreadable_segments",
+            "Spool segment files that could not be read when last tried (kept, tried again)",
+            stats.unreadable_segments,
+        )
         yield CounterMetricFamily(
             "wifi_bridge_spool_corrupt_records",
             "Damaged spool records set aside under corrupt/",

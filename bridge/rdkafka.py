@@ -37,6 +37,14 @@ _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TO
 _INVALID = frozenset({KafkaError.INVALID_RECORD})
 
 
+#: How long librdkafka keeps trying to deliver a record (``message.timeout.ms``; its default is
+#: 300 s). A record not acknowledged within the request's budget is spooled, and a spooled one
+#: is sent again by the drainer after its 30 s wait: past this the producer gives a record up
+#: and reports it failed, so it does not keep the copies of every earlier try queued, to be
+#: delivered all at once when the brokers come back.
+DELIVERY_TIMEOUT_MS = 25_000
+
+
 def producer_config(settings: KafkaSettings, *, linger_ms: int) -> dict[str, Any]:
     """librdkafka settings: idempotent, acks=all, murmur2, and the project's security options."""
     return {
@@ -45,6 +53,7 @@ def producer_config(settings: KafkaSettings, *, linger_ms: int) -> dict[str, Any
         "acks": "all",
         "linger.ms": linger_ms,
         "partitioner": "murmur2_random",
+        "message.timeout.ms": DELIVERY_TIMEOUT_MS,
     }
 
 

@@ -28,14 +28,18 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import struct
+import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Final, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from bridge.errors import WifiBridgeError
 
@@ -43,6 +47,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES: Final = 1 << 30  # 1 GiB
 DEFAULT_SEGMENT_BYTES: Final = 16 << 20  # 16 MiB
+#: How long a segment may stay unreadable (an I/O error on every try) before it is moved into
+#: ``corrupt/`` whole, so that the records behind it are drained; at least this many tries.
+DEFAULT_UNREADABLE_SET_ASIDE_S: Final = 300.0
+_UNREADABLE_MIN_TRIES: Final = 3
 
 FORMAT_VERSION: Final = 1
 #: 0xF5 never occurs in UTF-8 text, and spooled values are JSON, so a resync scan rarely
@@ -409,6 +417,9 @@ class SpoolStats:
     and before the next read it may be that of the last acknowledged record (never younger
     than the truth). ``corrupt_records`` / ``corrupt_bytes``: damaged regions (each may have
     held one or more records) and their bytes set aside since this process opened the spool.
+    ``unreadable_segments``: segment files that could not be read when last tried (an I/O
+    error), kept to be read again; one found so at open has its records missing from
+    ``records``, since they could not be counted.
     """
 
     records: int
@@ -417,6 +428,7 @@ class SpoolStats:
     oldest_spooled_at_ms: int | None
     corrupt_records: int
     corrupt_bytes: int
+    unreadable_segments: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,6 +463,7 @@ class _Span(Protocol):
 
 
 _Item = TypeVar("_Item", bound=_Span)
+_T = TypeVar("_T")
 
 
 def _iter_items(
@@ -505,33 +518,66 @@ def _set_aside(fd: int, segment_id: int, gap: Gap, corrupt_dir: Path, *, fsync: 
         return _Incident(segment_id, gap.start, gap.end, gap.reason, saved_as, new, error)
 
     try:
-        # Not "seen before" when corrupt/ is a file: mkdir raises FileExistsError for that too.
-        corrupt_dir.mkdir(mode=0o700, exist_ok=True)
+        _make_corrupt_dir(corrupt_dir, fsync=fsync)
     except OSError as exc:
         return incident(None, new=True, error=f"{type(exc).__name__}: {exc.strerror}")
-    try:
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
+    if os.path.lexists(path):
         return incident(path, new=False)
+    # Copied under a temporary name and renamed once complete and fsynced, then the directory
+    # fsynced: a crash mid-copy leaves no file that looks like a whole copy, and a copy that
+    # counts as made survives a power loss. (Only one process has the spool open.)
+    partial_path = corrupt_dir / (name + ".partial")
+    try:
+        out = os.open(partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         return incident(None, new=True, error=f"{type(exc).__name__}: {exc.strerror}")
     try:
-        pos = gap.start
-        while pos < gap.end:
-            chunk = os.pread(fd, min(_COPY_CHUNK_BYTES, gap.end - pos), pos)
-            if not chunk:
-                break
-            _write_all(out, chunk)
-            pos += len(chunk)
+        try:
+            pos = gap.start
+            while pos < gap.end:
+                chunk = os.pread(fd, min(_COPY_CHUNK_BYTES, gap.end - pos), pos)
+                if not chunk:
+                    break
+                _write_all(out, chunk)
+                pos += len(chunk)
+            if fsync:
+                os.fsync(out)
+        finally:
+            os.close(out)
+        os.rename(partial_path, path)
         if fsync:
-            os.fsync(out)
+            _fsync_dir(corrupt_dir)
     except OSError as exc:
-        os.close(out)
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            os.unlink(partial_path)
         return incident(None, new=True, error=f"{type(exc).__name__}: {exc.strerror}")
-    os.close(out)
     return incident(path, new=True)
+
+
+def _make_corrupt_dir(corrupt_dir: Path, *, fsync: bool) -> None:
+    """Create ``corrupt/`` if missing; its entry in the spool directory is fsynced."""
+    if corrupt_dir.is_dir():
+        return
+    # Not "made" when corrupt/ is a file: mkdir raises FileExistsError for that too.
+    corrupt_dir.mkdir(mode=0o700)
+    if fsync:
+        _fsync_dir(corrupt_dir.parent)
+
+
+def _move_aside(directory: Path, segment_id: int, offset: int, *, fsync: bool) -> Path:
+    """Move an unreadable segment into ``corrupt/`` whole; returns its new path.
+
+    A rename: nothing of the file has to be read. ``offset`` is where its undelivered records
+    begin (the bytes before it were delivered), and goes into the name.
+    """
+    corrupt_dir = directory / _CORRUPT_DIR
+    _make_corrupt_dir(corrupt_dir, fsync=fsync)
+    target = corrupt_dir / f"{segment_id:020d}_{offset:012d}-end_unreadable.seg"
+    os.rename(directory / _segment_name(segment_id), target)
+    if fsync:
+        _fsync_dir(corrupt_dir)
+        _fsync_dir(directory)
+    return target
 
 
 def _set_aside_record(
@@ -596,6 +642,8 @@ class _Segment:
     records: int = 0
     head_spooled_at_ms: int | None = None
     sealed: bool = True
+    #: Could not be read at open: its records are not counted.
+    unread: bool = False
 
 
 @dataclass(slots=True)
@@ -641,11 +689,20 @@ def _recover(directory: Path, *, read_only: bool, fsync: bool) -> _Recovered:
                 fsync=fsync,
             )
         except OSError as exc:
-            # An unreadable segment stays on disk for a later start; it does not stop this one.
+            error = f"{type(exc).__name__}: {exc.strerror}"
+            if not _may_be_segment(path):
+                # A directory with a segment's name, say: nothing this spool wrote.
+                log.error("not a spool segment file, skipped", extra={"file": path.name})
+                continue
+            # Unreadable now (an I/O error, too many open files): kept in the list, its records
+            # uncounted, so the read cursor stops there and no checkpoint can pass it (which
+            # would delete it unread at the next start). The drainer tries it again, and moves
+            # it into corrupt/ if it stays unreadable.
             log.error(
-                "spool segment unreadable, skipped",
-                extra={"segment_id": segment_id, "error": f"{type(exc).__name__}: {exc.strerror}"},
+                "spool segment unreadable; kept, to be read again",
+                extra={"segment_id": segment_id, "error": error},
             )
+            segments.append(_Segment(segment_id, _size_of(path), unread=True))
             continue
         segment, found = scanned
         incidents += found
@@ -655,6 +712,21 @@ def _recover(directory: Path, *, read_only: bool, fsync: bool) -> _Recovered:
             continue
         segments.append(segment)
     return _Recovered(segments, committed, next_segment_id, incidents)
+
+
+def _may_be_segment(path: Path) -> bool:
+    """False only for what is certainly no segment file (a directory, a socket)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _scan_segment(
@@ -921,7 +993,10 @@ class Spool:
     a single larger record gets a segment of its own. ``fsync`` (default ``True``) may only be
     turned off where losing the spool on power loss is acceptable (tests, benchmarks).
 
-    All methods are called from one event loop; blocking file I/O runs in worker threads.
+    All methods are called from one event loop; blocking file I/O runs in worker threads of
+    the spool's own. A segment that stays unreadable (an I/O error on every read) for
+    ``unreadable_set_aside_s`` (default 300) is moved into ``corrupt/`` whole, so the records
+    behind it are drained.
     Use ``async with Spool(...) as spool:`` or :meth:`open` / :meth:`close`. Only one process
     can open a directory at a time (an ``flock`` on ``<directory>/lock``).
     """
@@ -933,7 +1008,10 @@ class Spool:
         max_bytes: int = DEFAULT_MAX_BYTES,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         fsync: bool = True,
+        unreadable_set_aside_s: float = DEFAULT_UNREADABLE_SET_ASIDE_S,
     ) -> None:
+        if not unreadable_set_aside_s >= 0:
+            raise ValueError(f"unreadable_set_aside_s must be >= 0, got {unreadable_set_aside_s!r}")
         for name, value in (("max_bytes", max_bytes), ("segment_bytes", segment_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -945,6 +1023,12 @@ class Spool:
         self._max_bytes = max_bytes
         self._segment_bytes = segment_bytes
         self._fsync = fsync
+        self._unreadable_set_aside_s = unreadable_set_aside_s
+        #: Segments the cursor could not read: id -> (first failure, monotonic s; tries).
+        self._unreadable: dict[int, tuple[float, int]] = {}
+        # The spool's own worker threads: a disk write must not queue behind other blocking
+        # work of the process (a Kafka metadata request waiting out its timeout, say).
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-io")
         self._corrupt_dir = self._directory / _CORRUPT_DIR
         self._writer = _SegmentWriter(directory=self._directory, fsync=fsync)
         self._segments: dict[int, _Segment] = {}
@@ -972,6 +1056,11 @@ class Spool:
     def directory(self) -> Path:
         return self._directory
 
+    def _io(self, func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Awaitable[_T]:
+        """Run blocking file I/O on the spool's worker threads."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, partial(func, *args, **kwargs))
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -985,7 +1074,7 @@ class Spool:
         if self._closed:
             raise RuntimeError("a closed Spool cannot be reopened; create a new one")
         try:
-            self._lock_fd, recovered = await asyncio.to_thread(self._open_blocking)
+            self._lock_fd, recovered = await self._io(self._open_blocking)
         except OSError as exc:
             raise SpoolUnavailable(
                 f"cannot open spool {self._directory}: {exc.strerror or exc}"
@@ -1046,13 +1135,14 @@ class Spool:
         async with self._read_lock:
             await self._save_checkpoint()
         async with self._write_lock:
-            await asyncio.to_thread(self._writer.close)
+            await self._io(self._writer.close)
             if self._active is not None:
                 self._active.sealed = True
                 self._active = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        self._executor.shutdown(wait=False)
 
     async def __aenter__(self) -> Spool:
         await self.open()
@@ -1102,7 +1192,7 @@ class Spool:
             while self._queue:
                 async with self._write_lock:
                     batch, new_segment_id = self._take_batch()
-                    outcome = await asyncio.to_thread(
+                    outcome = await self._io(
                         self._writer.write, [item.frame for item in batch], new_segment_id
                     )
                     self._apply(batch, outcome)
@@ -1224,7 +1314,7 @@ class Spool:
                 if not sealed and self._read_pos.offset >= segment.size_bytes:
                     break  # caught up with the appends
                 try:
-                    outcome = await asyncio.to_thread(
+                    outcome = await self._io(
                         _read_segment,
                         self._directory / _segment_name(segment.id),
                         segment.id,
@@ -1235,9 +1325,14 @@ class Spool:
                         fsync=self._fsync,
                     )
                 except OSError as exc:
+                    if await self._unreadable_segment(segment, exc):
+                        continue  # moved aside: on to the next segment
                     raise SpoolUnavailable(
                         f"cannot read spool segment {segment.id}: {exc.strerror or exc}"
                     ) from exc
+                if self._unreadable.pop(segment.id, None) is not None or segment.unread:
+                    segment.unread = False
+                    log.info("spool segment readable again", extra={"segment_id": segment.id})
                 if outcome.missing:
                     log.warning(
                         "spool segment vanished before it was drained",
@@ -1249,6 +1344,62 @@ class Spool:
                     self._read_pos = SpoolPosition(segment.id + 1, 0)
             await self._settle()
             return entries
+
+    async def _unreadable_segment(self, segment: _Segment, exc: OSError) -> bool:
+        """Note a failed read of ``segment``; True once it was moved into ``corrupt/``.
+
+        That happens when it stayed unreadable for ``unreadable_set_aside_s`` and at least
+        :data:`_UNREADABLE_MIN_TRIES` tries: its bytes are kept whole for a human (a
+        ``wifi-bridge spool drain`` of a directory holding it delivers what it can), and the
+        records behind it are no longer held up. The active segment is sealed first, so that
+        no record is appended to a file that is moved away.
+        """
+        now = time.monotonic()
+        first_s, tries = self._unreadable.get(segment.id, (now, 0))
+        tries += 1
+        self._unreadable[segment.id] = (first_s, tries)
+        if tries < _UNREADABLE_MIN_TRIES or now - first_s < self._unreadable_set_aside_s:
+            return False
+        if not segment.sealed:
+            async with self._write_lock:
+                if self._active is segment:
+                    await self._io(self._writer.close)
+                    segment.sealed = True
+                    self._active = None
+            return False  # moved at the next try, with nothing appended meanwhile
+        offset = self._read_pos.offset
+        error = f"{type(exc).__name__}: {exc.strerror or exc}"
+        try:
+            saved_as = await self._io(
+                _move_aside, self._directory, segment.id, offset, fsync=self._fsync
+            )
+        except OSError as move_exc:
+            log.error(
+                "could not move an unreadable spool segment aside",
+                extra={
+                    "segment_id": segment.id,
+                    "error": f"{type(move_exc).__name__}: {move_exc.strerror}",
+                },
+            )
+            return False
+        del self._unreadable[segment.id]
+        log.error(
+            "spool segment unreadable for too long: moved aside whole, draining on",
+            extra={
+                "segment_id": segment.id,
+                "unreadable_s": round(now - first_s),
+                "tries": tries,
+                "error": error,
+                "saved_as": str(saved_as),
+            },
+        )
+        end = max(segment.size_bytes, offset)
+        self._note_incident(
+            _Incident(segment.id, offset, end, "unreadable", saved_as, new=True, error=error)
+        )
+        self._push(_Kind.END, segment.id, -1, SpoolPosition(segment.id + 1, 0), None)
+        self._read_pos = SpoolPosition(segment.id + 1, 0)
+        return True
 
     def _take_read(self, segment_id: int, outcome: _ReadOutcome, into: list[SpooledEntry]) -> None:
         for entry, incident in outcome.items:
@@ -1311,7 +1462,7 @@ class Spool:
         self._require_open()
         gap = Gap(entry.offset, entry.end_offset, reason)
         path = self._directory / _segment_name(entry.segment_id)
-        incident = await asyncio.to_thread(
+        incident = await self._io(
             _set_aside_record, path, entry.segment_id, gap, self._corrupt_dir, fsync=self._fsync
         )
         if incident.saved_as is None:
@@ -1376,7 +1527,7 @@ class Spool:
                 segment.id, segment.size_bytes
             ):
                 return None
-            await asyncio.to_thread(self._writer.close)
+            await self._io(self._writer.close)
             segment.sealed = True
             self._active = None
         return segment.id
@@ -1386,7 +1537,7 @@ class Spool:
         if position == self._checkpointed:
             return
         try:
-            await asyncio.to_thread(_write_checkpoint, self._directory, position, fsync=self._fsync)
+            await self._io(_write_checkpoint, self._directory, position, fsync=self._fsync)
         except OSError as exc:
             log.warning(
                 "could not save the spool checkpoint; a restart will resend some records",
@@ -1405,7 +1556,7 @@ class Spool:
             self._records -= segment.records  # only non-zero if damage hid counted records
             paths.append(self._directory / _segment_name(segment_id))
         for path in paths:
-            await asyncio.to_thread(_remove, path)
+            await self._io(_remove, path)
 
     def _segment_at_or_after(self, segment_id: int) -> _Segment | None:
         # The dict is in id order: segments are added at open in order, then with rising ids.
@@ -1426,6 +1577,9 @@ class Spool:
             oldest_spooled_at_ms=self._oldest_spooled_at_ms(),
             corrupt_records=self._corrupt_records,
             corrupt_bytes=self._corrupt_bytes,
+            unreadable_segments=sum(
+                1 for s in self._segments.values() if s.unread or s.id in self._unreadable
+            ),
         )
 
     def _oldest_spooled_at_ms(self) -> int | None:
@@ -1480,4 +1634,5 @@ def read_stats(directory: Path) -> SpoolStats:
         oldest_spooled_at_ms=oldest,
         corrupt_records=len(recovered.incidents),
         corrupt_bytes=sum(i.end - i.start for i in recovered.incidents),
+        unreadable_segments=sum(1 for s in recovered.segments if s.unread),
     )

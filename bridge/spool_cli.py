@@ -40,6 +40,8 @@ def status(directory: Path, out: TextIO = sys.stdout) -> int:
         f"  segments          {stats.segments}\n"
         f"  oldest record age {_age(stats)}\n"
         f"  corrupt records   {stats.corrupt_records} ({stats.corrupt_bytes} bytes set aside)\n"
+        f"  unreadable files  {stats.unreadable_segments}"
+        f"{' (their records are not counted above)' if stats.unreadable_segments else ''}\n"
     )
     return 0
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import inspect
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +16,8 @@ from bridge.durable import DurablePublisher
 from bridge.errors import BatchRefused, PublishError, RecordTooLarge
 from bridge.metrics import BridgeMetrics
 from bridge.publisher import Headers, Publisher
+from bridge.rdkafka import producer_config
+from bridge.settings import KafkaSettings
 from bridge.spool import Spool, decode_frame
 
 
@@ -310,3 +317,82 @@ async def test_a_spool_that_cannot_be_read_for_a_while_is_drained_once_it_can(
         await settle(lambda: sample(metrics, "wifi_bridge_spool_records") == 0)
     finally:
         await publisher.stop()
+
+
+class SlowToAnswer(ScriptedProducer):
+    """A producer whose broker does not answer, and whose ping waits out its timeout on a
+    worker thread, as a metadata request to a broker that is gone does."""
+
+    def __init__(self) -> None:
+        super().__init__(fails=True, broker_answers=False)
+        self.pinging = 0
+        self.most_pinging = 0
+
+    async def ping(self, *, timeout_s: float) -> bool:
+        self.pinging += 1
+        self.most_pinging = max(self.most_pinging, self.pinging)
+        try:
+            await asyncio.to_thread(time.sleep, 0.5)
+        finally:
+            self.pinging -= 1
+        return False
+
+
+async def test_requests_failing_together_start_one_broker_check_and_are_spooled_at_once(
+    tmp_path: Path,
+) -> None:
+    down = SlowToAnswer()
+    publisher, metrics = durable(tmp_path, [down])
+    await publisher.start()
+    try:
+        await settle(lambda: publisher.connected)
+        started = time.monotonic()
+        # Kafka just went away: every request in flight fails at the same moment.
+        await asyncio.gather(*(publish(publisher, n) for n in range(64)))
+        spooled_s = time.monotonic() - started
+        assert sample(metrics, "wifi_bridge_spool_records") == 64
+        assert down.most_pinging == 1
+        # Each answered once written, not behind 62 checks holding the worker threads.
+        assert spooled_s < 5, spooled_s
+    finally:
+        await publisher.stop()
+
+
+async def test_a_spool_segment_unreadable_at_start_is_drained_once_it_can_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = durable(tmp_path, [ScriptedProducer(fails=True, broker_answers=False)])
+    await first.start()
+    for n in range(3):
+        await publish(first, n)
+    await first.stop()
+    (segment,) = (tmp_path / "spool").glob("*.seg")
+    real_pread = os.pread
+
+    def pread(fd: int, *args: Any) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(segment.name):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, *args)
+
+    monkeypatch.setattr(os, "pread", pread)
+    healthy = ScriptedProducer(fails=False)
+    second, metrics = durable(tmp_path, [healthy])
+    await second.start()  # its records cannot be counted: still, there is a backlog
+    try:
+        assert sample(metrics, "wifi_bridge_spool_unreadable_segments") == 1
+        errors = {"error": "spool_unavailable"}
+        await settle(lambda: sample(metrics, "wifi_bridge_spool_drain_errors_total", errors))
+        assert healthy.published == []
+        monkeypatch.undo()
+        await settle(lambda: healthy.published == [b"0", b"1", b"2"], timeout_s=30)
+        assert sample(metrics, "wifi_bridge_spool_unreadable_segments") == 0
+    finally:
+        await second.stop()
+
+
+def test_the_producer_gives_a_record_up_before_the_drainer_sends_it_again() -> None:
+    """Or every try of a failed drain leaves its copies queued in librdkafka, to be delivered
+    all at once when the brokers come back."""
+    drain_timeout_s = inspect.signature(DurablePublisher).parameters["drain_timeout_s"].default
+    config = producer_config(KafkaSettings(), linger_ms=1)
+    assert config["message.timeout.ms"] < drain_timeout_s * 1000

@@ -790,3 +790,103 @@ async def test_stats_count_pending_records_bytes_segments_and_the_oldest(
         assert (stats.records, stats.bytes, stats.segments) == (2, 3 * FRAME_BYTES, 2)
         await read_all(spool)
         assert spool.stats() == SpoolStats(0, 0, 0, None, 0, 0)
+
+
+# -- segments that cannot be read -------------------------------------------------------------
+
+
+def _pread_failing_on(segment_id: int) -> Callable[..., bytes]:
+    """``os.pread`` that fails with an I/O error on one segment file, as a bad disk block."""
+    real = os.pread
+    name = f"{segment_id:020d}.seg"
+
+    def pread(fd: int, *args: Any) -> bytes:
+        if fd_path(fd).endswith(name):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, *args)
+
+    return pread
+
+
+async def test_a_segment_unreadable_at_open_holds_the_drain_back_and_is_never_deleted_unread(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await spool_with(spool_dir, [make_record(i) for i in range(3)])
+    monkeypatch.setattr(os, "pread", _pread_failing_on(1))
+    async with Spool(directory=spool_dir) as spool:
+        assert spool.stats().unreadable_segments == 1
+        await spool.append(make_record(10))  # a request spooled meanwhile: segment 2
+        with pytest.raises(SpoolUnavailable, match="segment 1"):
+            await spool.read_batch()
+        assert spool.committed.segment_id <= 1  # nothing behind it went ahead of it
+    assert read_stats(spool_dir).unreadable_segments == 1
+    monkeypatch.undo()
+    async with Spool(directory=spool_dir) as spool:  # the disk is readable again
+        assert spool.stats().unreadable_segments == 0
+        assert values(await read_all(spool)) == [make_record(i).value for i in (0, 1, 2, 10)]
+    assert segment_files(spool_dir) == []
+
+
+async def test_a_segment_that_stays_unreadable_is_moved_aside_whole_and_the_rest_drained(
+    spool_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await spool_with(spool_dir, [make_record(i) for i in range(3)])
+    monkeypatch.setattr(os, "pread", _pread_failing_on(1))
+    async with Spool(directory=spool_dir, unreadable_set_aside_s=0) as spool:
+        await spool.append(make_record(10))
+        for _ in range(2):  # a few tries first, however short the wait
+            with pytest.raises(SpoolUnavailable):
+                await spool.read_batch()
+        assert values(await read_all(spool)) == [make_record(10).value]
+        stats = spool.stats()
+        assert (stats.unreadable_segments, stats.corrupt_records, stats.records) == (0, 1, 0)
+    monkeypatch.undo()
+    assert segment_files(spool_dir) == []
+    (moved,) = (spool_dir / "corrupt").iterdir()
+    assert moved.name == "00000000000000000001_000000000000-end_unreadable.seg"
+    # Kept whole: a spool of its own gives its records back (wifi-bridge spool drain).
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(moved, alone / "00000000000000000001.seg")
+    async with Spool(directory=alone) as spool:
+        assert values(await read_all(spool)) == [make_record(i).value for i in range(3)]
+
+
+async def test_an_unreadable_active_segment_is_sealed_before_it_is_moved_aside(
+    spool_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Spool(directory=spool_dir, unreadable_set_aside_s=0) as spool:
+        for i in range(3):
+            await spool.append(make_record(i))
+        monkeypatch.setattr(os, "pread", _pread_failing_on(1))
+        for _ in range(3):
+            with pytest.raises(SpoolUnavailable):
+                await spool.read_batch()
+        await spool.append(make_record(10))  # into a new segment, not the one to be moved
+        assert values(await read_all(spool)) == [make_record(10).value]
+    monkeypatch.undo()
+    (moved,) = (spool_dir / "corrupt").iterdir()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(moved, alone / "00000000000000000001.seg")
+    async with Spool(directory=alone) as spool:
+        assert values(await read_all(spool)) == [make_record(i).value for i in range(3)]
+
+
+async def test_a_copy_aside_cut_short_by_a_crash_is_made_again_whole(spool_dir: Path) -> None:
+    await spool_with(spool_dir, [make_record(i) for i in range(3)])
+    segment = spool_dir / "00000000000000000001.seg"
+    data = bytearray(segment.read_bytes())
+    data[FRAME_BYTES + 30] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    async with Spool(directory=spool_dir) as spool:
+        assert spool.stats().corrupt_records == 1
+    (copy,) = (spool_dir / "corrupt").iterdir()
+    whole = copy.read_bytes()
+    # A crash mid-copy: the bytes so far under a temporary name, no finished copy.
+    copy.unlink()
+    (spool_dir / "corrupt" / (copy.name + ".partial")).write_bytes(whole[:10])
+    async with Spool(directory=spool_dir) as spool:
+        assert spool.stats().corrupt_records == 1  # not taken as set aside before
+    assert [p.name for p in (spool_dir / "corrupt").iterdir()] == [copy.name]
+    assert copy.read_bytes() == whole
