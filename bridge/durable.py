@@ -27,6 +27,7 @@ from bridge.spool import Spool, SpooledEntry, SpoolFull, SpoolRecord, SpoolUnava
 log = logging.getLogger(__name__)
 
 Connect = Callable[[], Awaitable[Publisher]]
+EnsureTopics = Callable[[list[str]], Awaitable[None]]
 
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 #: Consecutive failed publishes after which a producer whose broker answers is rebuilt.
@@ -46,7 +47,9 @@ class DurablePublisher:
     (default 30, longer than the producer's own delivery timeout, so that a failed batch's
     records are reported failed by the producer, not still queued in it, when they are sent
     again) bounds the drainer's wait for a batch; ``drain_batch_records`` (default 500)
-    is how many spooled records one drain step publishes at once.
+    is how many spooled records one drain step publishes at once. ``ensure_topics`` creates
+    topics that are missing: a spooled record's topic may not be one ``connect`` provisions
+    (spooled under an earlier topic setting, say), and without it would fail every try.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class DurablePublisher:
         metrics: BridgeMetrics,
         drain_batch_records: int = 500,
         drain_timeout_s: float = 30.0,
+        ensure_topics: EnsureTopics | None = None,
     ) -> None:
         if drain_batch_records < 1:
             raise ValueError("drain_batch_records must be >= 1")
@@ -65,6 +69,8 @@ class DurablePublisher:
         self._metrics = metrics
         self._drain_batch_records = drain_batch_records
         self._drain_timeout_s = drain_timeout_s
+        self._ensure_topics = ensure_topics
+        self._ensured: set[str] = set()
         self._kafka: Publisher | None = None
         self._backlog = False
         # Whether this outage's "spooling" warning was logged: the requests in flight when
@@ -278,6 +284,18 @@ class DurablePublisher:
             self._backlog = False  # caught up: new records may go straight to Kafka
             self._spooling_logged = False
             return True
+        missing = sorted({e.record.topic for e in entries} - self._ensured)
+        if missing and self._ensure_topics is not None:
+            try:
+                await self._ensure_topics(missing)
+            except Exception as exc:
+                self._metrics.drain_errors.labels(error="topic_unavailable").inc()
+                log.warning(
+                    "cannot create the topics of spooled records, retrying",
+                    extra={"topics": missing, "error": type(exc).__name__},
+                )
+                return False
+            self._ensured.update(missing)
         return await self._drain(kafka, entries)
 
     async def _drain(self, kafka: Publisher, entries: list[SpooledEntry]) -> bool:

@@ -88,8 +88,12 @@ async def serve(
         segment_bytes=min(DEFAULT_SEGMENT_BYTES, settings.spool_max_bytes),
         fsync=settings.spool_fsync,
     )
+
+    async def provision(topics: list[str]) -> None:
+        await ensure_topics(settings.kafka, [TopicSpec(topic) for topic in topics])
+
     publisher = DurablePublisher(
-        connect=_connector(settings, metrics), spool=spool, metrics=metrics
+        connect=_connector(settings, metrics), spool=spool, metrics=metrics, ensure_topics=provision
     )
     try:
         await publisher.start()

@@ -158,3 +158,31 @@ async def test_unwritable_spool_answers_503_keeps_running_and_recovers_by_itself
         bridge.spool_dir.mkdir()  # the volume is back
         status, _, _ = await post(session, bridge.webhook_url, login_body())
         assert status == 200
+
+
+async def test_records_spooled_for_an_earlier_raw_topic_are_delivered_to_it(
+    own_broker: LocalKafka, spawn_bridge: Spawn, tmp_path: Path
+) -> None:
+    # Spooled while Kafka was down, then the bridge restarted with another BRIDGE_TOPIC_RAW:
+    # the broker creates no topic by itself, and the old one never existed.
+    spool_dir = tmp_path / "kept-spool"
+    first = await spawn_bridge(
+        KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", kafka=False, spool_dir=str(spool_dir)
+    )
+    acknowledged = []
+    async with aiohttp.ClientSession() as session:
+        for n in range(5):
+            status, _, (payload, _) = await post(session, first.webhook_url, login_body(minute=n))
+            assert status == 200
+            acknowledged.append(payload["eventId"].encode())
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(timeout=30) == 0
+
+    second = await spawn_bridge(
+        KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap_servers, spool_dir=str(spool_dir)
+    )
+    assert second.topic_raw != first.topic_raw
+    await wait_for_metric(second, "wifi_bridge_spool_records", 0.0)
+    records = await consume(own_broker.bootstrap_servers, first.topic_raw, count=5, timeout_s=60)
+    assert event_ids(records) == set(acknowledged)

@@ -7,6 +7,7 @@ import errno
 import inspect
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,10 @@ async def settle(condition: object, timeout_s: float = 10.0) -> None:
 
 
 def durable(
-    tmp_path: Path, producers: list[ScriptedProducer]
+    tmp_path: Path,
+    producers: list[ScriptedProducer],
+    *,
+    ensure_topics: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> tuple[DurablePublisher, BridgeMetrics]:
     queue = list(producers)
 
@@ -72,7 +76,10 @@ def durable(
     spool = Spool(
         directory=tmp_path / "spool", fsync=False, max_bytes=1 << 20, segment_bytes=1 << 16
     )
-    return DurablePublisher(connect=connect, spool=spool, metrics=metrics), metrics
+    publisher = DurablePublisher(
+        connect=connect, spool=spool, metrics=metrics, ensure_topics=ensure_topics
+    )
+    return publisher, metrics
 
 
 def sample(metrics: BridgeMetrics, name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -396,3 +403,43 @@ def test_the_producer_gives_a_record_up_before_the_drainer_sends_it_again() -> N
     drain_timeout_s = inspect.signature(DurablePublisher).parameters["drain_timeout_s"].default
     config = producer_config(KafkaSettings(), linger_ms=1)
     assert config["message.timeout.ms"] < drain_timeout_s * 1000
+
+
+class KnownTopicsOnly(ScriptedProducer):
+    """Publishes only to topics that exist, as a broker without auto-creation does."""
+
+    def __init__(self, topics: set[str]) -> None:
+        super().__init__(fails=False)
+        self.topics = topics
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        if topic not in self.topics:
+            raise PublishError("Kafka did not acknowledge within the budget")
+        self.published.append(value)
+
+
+async def test_records_spooled_for_a_topic_kafka_does_not_have_get_it_created_and_drain(
+    tmp_path: Path,
+) -> None:
+    # Spooled under an earlier BRIDGE_TOPIC_RAW, say: connecting creates only today's topics.
+    first, _ = durable(tmp_path, [ScriptedProducer(fails=True, broker_answers=False)])
+    await first.start()
+    await first.publish("raw.old", key=b"k", value=b"0", headers=[], timeout_s=0.1)
+    await first.stop()
+
+    kafka = KnownTopicsOnly({"raw"})
+    created: list[list[str]] = []
+
+    async def ensure_topics(names: list[str]) -> None:
+        created.append(names)
+        kafka.topics.update(names)
+
+    second, _ = durable(tmp_path, [kafka], ensure_topics=ensure_topics)
+    await second.start()
+    try:
+        await settle(lambda: kafka.published == [b"0"])
+        assert created == [["raw.old"]]
+    finally:
+        await second.stop()
