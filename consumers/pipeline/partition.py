@@ -156,9 +156,12 @@ class PartitionPipeline:
 
     __slots__ = (
         "_buffer",
+        "_buffered_ids",
         "_dedup",
         "_dirty_visits",
         "_last_visit_expiry_ms",
+        "_outlived",
+        "_released_outlived",
         "_seen",
         "_visits",
         "_wall_clock_ms",
@@ -191,6 +194,15 @@ class PartitionPipeline:
             else buffer
         )
         self._seen: dict[str, _Seen] = {}
+        # The ids of the records waiting in the buffer. A record may wait longer than its id
+        # stays in the dedup window (its watermark moves only with newer login times, or the
+        # wall clock once caught up): its entry, which holds the record, must not be written
+        # as a tombstone before it leaves, and a copy must not be let in meanwhile.
+        self._buffered_ids: set[str] = {item[3] for item in self._buffer}
+        #: Waiting ids out of the dedup window: their tombstones wait for their release.
+        self._outlived: set[str] = {i for i in self._buffered_ids if i not in self._dedup}
+        #: Outlived ids released since the last take_changes: their tombstones are due.
+        self._released_outlived: list[str] = []
         self._dirty_visits: set[tuple[str, str]] = set()
         self._last_visit_expiry_ms: int | None = None
         # The pipeline's own clock, which receive times are checked against; not state: a
@@ -258,6 +270,10 @@ class PartitionPipeline:
             return [self._dead_letter(raw, Reason.UNREADABLE, detail)]
 
         event_id: str = record["eventId"]
+        if event_id in self._buffered_ids:  # its first copy still waits, in the window or not
+            self._dedup.expire(clock_ms)  # the clock moves as for any record
+            self.counts.duplicates += 1
+            return []
         if not self._dedup.check(event_id, clock_ms):
             self.counts.duplicates += 1
             return []
@@ -269,6 +285,7 @@ class PartitionPipeline:
             self._seen[event_id] = (seen_ms, None, None)
             return [self._emit(item, late=True)]
         self._seen[event_id] = (seen_ms, item, added.seq)
+        self._buffered_ids.add(event_id)
         return self._release(early=False)
 
     def tick(self, now_ms: int, *, caught_up: bool) -> list[Output]:
@@ -304,6 +321,13 @@ class PartitionPipeline:
         # Ids out of the dedup window: tombstones, first (an id seen again in this pass is
         # written after them), so the compacted topic forgets them.
         expired = self._dedup.take_expired()
+        if expired and self._buffered_ids:
+            waiting = self._buffered_ids
+            self._outlived.update(i for i in expired if i in waiting)
+            expired = [i for i in expired if i not in waiting]
+        if self._released_outlived:
+            expired += self._released_outlived
+            self._released_outlived = []
         entries: list[tuple[bytes, bytes | None]] = [
             (changelog.event_key(event_id), None) for event_id in expired if event_id not in seen
         ]
@@ -437,6 +461,11 @@ class PartitionPipeline:
 
     def _emit(self, item: _Item, *, late: bool) -> Output:
         key, record_json, event_ms, event_id, user_key, venue_id = item
+        if not late:  # out of the buffer
+            self._buffered_ids.discard(event_id)
+            if self._outlived and event_id in self._outlived:
+                self._outlived.discard(event_id)
+                self._released_outlived.append(event_id)
         visit = self._visits.assign(user_key, venue_id, event_ms)
         self._dirty_visits.add((user_key, venue_id))
         self.counts.emitted += 1

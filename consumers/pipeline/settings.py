@@ -11,11 +11,7 @@ from bridge import config
 from bridge.config import Option
 from bridge.errors import ConfigError
 from bridge.settings import KAFKA_OPTIONS, KafkaSettings
-from consumers.pipeline.partition import (
-    FUTURE_TOLERANCE_MS,
-    RECEIVED_AT_TOLERANCE_MS,
-    WindowConfig,
-)
+from consumers.pipeline.partition import WindowConfig
 
 PIPELINE_OPTIONS: tuple[Option, ...] = (
     Option("PIPELINE_GROUP_ID", "wifi-pipeline", "consumer group of the pipeline instances"),
@@ -38,10 +34,9 @@ PIPELINE_OPTIONS: tuple[Option, ...] = (
     Option(
         "PIPELINE_DEDUP_WINDOW_S",
         "86400",
-        "a redelivered event id is dropped for this long after its first sighting (covers "
-        "the sender's 3-hour retry); at least PIPELINE_LATENESS_S + 600 s, so an id outlasts "
-        "its record's wait in the reorder buffer (a login may be 5 min ahead of its receive "
-        "time, a receive time 5 min ahead of the pipeline's clock)",
+        "a redelivered event id is dropped for this long after its first sighting, and for as "
+        "long as its record waits in the reorder buffer (covers the sender's 3-hour retry); at "
+        "least PIPELINE_LATENESS_S",
     ),
     Option(
         "PIPELINE_VISIT_GAP_S",
@@ -125,17 +120,12 @@ class PipelineSettings:
             )
         dedup_window_s = config.integer(values, "PIPELINE_DEDUP_WINDOW_S", minimum=1)
         lateness_s = config.integer(values, "PIPELINE_LATENESS_S", minimum=0)
-        # An id must outlast its record's wait in the reorder buffer: the lateness, plus how far
-        # a login time may be ahead of its receive time and a receive time ahead of the
-        # pipeline's clock. An id that left the window while its record still waited would be
-        # written as a tombstone over the entry holding the record (gone after a restore), and
-        # a copy let in again would share that entry.
-        least_s = lateness_s + (FUTURE_TOLERANCE_MS + RECEIVED_AT_TOLERANCE_MS) // 1000
-        if dedup_window_s < least_s:
+        if dedup_window_s < lateness_s:
+            # Shorter would forget an id while copies of its login can still be arriving within
+            # the normal delay the reorder buffer waits for.
             raise ConfigError(
                 f"PIPELINE_DEDUP_WINDOW_S ({dedup_window_s}) must be at least "
-                f"PIPELINE_LATENESS_S ({lateness_s}) + {least_s - lateness_s} s "
-                f"(how far login and receive times may run ahead): {least_s}"
+                f"PIPELINE_LATENESS_S ({lateness_s})"
             )
         commit_interval_ms = config.integer(
             values, "PIPELINE_COMMIT_INTERVAL_MS", minimum=1, maximum=60_000

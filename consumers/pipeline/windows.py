@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
@@ -374,6 +374,10 @@ class ReorderBuffer(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._heap)
+
+    def __iter__(self) -> Iterator[T]:
+        """The items waiting, in no particular order."""
+        return (entry[2] for entry in self._heap)
 
     @property
     def is_full(self) -> bool:

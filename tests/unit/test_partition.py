@@ -477,3 +477,34 @@ def test_an_id_that_comes_and_leaves_the_window_in_one_pass_gets_its_tombstone()
     folded = changelog.fold(log)
 
     assert len(folded.events) == pipeline.dedup_entries == 1
+
+
+def test_a_record_waiting_past_its_dedup_window_keeps_its_entry_and_drops_copies() -> None:
+    """Its watermark moves only with newer logins (or the wall clock once caught up): late
+    retries move the dedup clock past its id while it waits, as in a lagging partition."""
+    config = WindowConfig(dedup_window_ms=720_000, lateness_ms=120_000)
+    pipeline = PartitionPipeline(config, wall_clock_ms=T0)
+    log: list[tuple[bytes, bytes | None]] = []
+    pipeline.accept(raw(login_body(user_id=1, at_ms=T0 - 600_000), T0))
+    waiting = login_body(user_id=2, at_ms=T0)
+    pipeline.accept(raw(waiting, T0))
+    log += pipeline.take_changes()
+    for minute in range(1, 15):  # 14 minutes of 3-hour-old retries: all late
+        now_ms = T0 + minute * 60_000
+        pipeline.tick(now_ms, caught_up=False)
+        retry = raw(login_body(user_id=100 + minute, at_ms=T0 - 3 * 3_600_000), now_ms)
+        assert [o.route for o in pipeline.accept(retry)] == [Route.LATE]
+        log += pipeline.take_changes()
+    assert pipeline.accept(raw(waiting, now_ms)) == []  # a copy while the first still waits
+    log += pipeline.take_changes()
+
+    restored, corrupt = PartitionPipeline.restore(log, config, now_ms=now_ms)
+
+    assert corrupt == 0
+    assert pipeline.buffered == restored.buffered == 1
+    for state in (pipeline, restored):
+        released = state.tick(now_ms + 10**9, caught_up=True)
+        assert [o.key for o in released] == [b"2"]
+    # Released, its id (long out of the window) is forgotten by the changelog too.
+    log += pipeline.take_changes()
+    assert len(changelog.fold(log).events) == pipeline.dedup_entries
