@@ -231,8 +231,17 @@ def _id(value: Any, path: str) -> str | None:
     if isinstance(value, float):
         if not value.is_integer():
             raise NormalisationError(Reason.BAD_ID, f"{path} must be a whole number")
+        if abs(value) >= _EXACT_FLOAT_LIMIT:
+            # A JSON integer too large for 64 bits is parsed as a float, which has lost its
+            # digits: taken as it is, two users' ids could become one.
+            raise NormalisationError(
+                Reason.BAD_ID, f"{path} is too large a number to read exactly (send it as a string)"
+            )
         value = int(value)
     return str(value).strip() or None
+
+
+_EXACT_FLOAT_LIMIT: Final = 2**53  # every whole number below it is exact as a float
 
 
 def _text(section: dict[str, Any], name: str) -> str | None:

@@ -97,6 +97,21 @@ def test_ids_as_numbers_or_numeric_strings_become_the_same_text(value: object) -
     assert (record["user"]["id"], record["company"]["id"], record["venue"]["id"]) == ("888",) * 3
 
 
+def test_a_numeric_id_too_large_to_read_exactly_is_refused_not_rounded() -> None:
+    # Past 64 bits the JSON parser gives a float: 123456789012345678901 and ...902 would both
+    # read as 123456789012345683968, two users as one.
+    raw = DOCUMENTED_SAMPLE.replace(
+        b'"id":888,"lastName"', b'"id":123456789012345678901,"lastName"'
+    )
+    with pytest.raises(NormalisationError) as refused:
+        normalise(raw)
+    assert refused.value.reason is Reason.BAD_ID
+    # As a string (the field table's layout) it is kept digit for digit.
+    body = sample()
+    body["user"]["id"] = "123456789012345678901"
+    assert normalised(body)["user"]["id"] == "123456789012345678901"
+
+
 def test_nested_venue_wins_over_a_top_level_one() -> None:
     body = sample()
     body["venue"] = {"id": 1, "name": "elsewhere"}
