@@ -75,6 +75,17 @@ async def test_broker_stopped_during_posts_every_post_gets_200_in_time_and_all_l
     assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged events are missing"
 
 
+async def post_logins(url: str, count: int) -> list[bytes]:
+    """Post ``count`` logins one by one, each answered 200; their event ids."""
+    acknowledged = []
+    async with aiohttp.ClientSession() as session:
+        for n in range(count):
+            status, _, (payload, _) = await post(session, url, login_body(minute=n))
+            assert status == 200
+            acknowledged.append(payload["eventId"].encode())
+    return acknowledged
+
+
 async def test_sigkilled_bridge_drains_its_spool_after_restart(
     own_broker: LocalKafka, spawn_bridge: Spawn, tmp_path: Path
 ) -> None:
@@ -85,12 +96,7 @@ async def test_sigkilled_bridge_drains_its_spool_after_restart(
         spool_dir=str(spool_dir),
     )
     await asyncio.to_thread(own_broker.stop)
-    acknowledged = []
-    async with aiohttp.ClientSession() as session:
-        for n in range(20):
-            status, _, (payload, _) = await post(session, first.webhook_url, login_body(minute=n))
-            assert status == 200
-            acknowledged.append(payload["eventId"].encode())
+    acknowledged = await post_logins(first.webhook_url, 20)
     assert first.process is not None
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(timeout=10)
@@ -169,12 +175,7 @@ async def test_records_spooled_for_an_earlier_raw_topic_are_delivered_to_it(
     first = await spawn_bridge(
         KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", kafka=False, spool_dir=str(spool_dir)
     )
-    acknowledged = []
-    async with aiohttp.ClientSession() as session:
-        for n in range(5):
-            status, _, (payload, _) = await post(session, first.webhook_url, login_body(minute=n))
-            assert status == 200
-            acknowledged.append(payload["eventId"].encode())
+    acknowledged = await post_logins(first.webhook_url, 5)
     assert first.process is not None
     first.process.send_signal(signal.SIGTERM)
     assert first.process.wait(timeout=30) == 0

@@ -90,6 +90,15 @@ async def publish(publisher: DurablePublisher, n: int) -> None:
     await publisher.publish("raw", key=b"k", value=b"%d" % n, headers=[], timeout_s=0.1)
 
 
+async def leave_spooled(tmp_path: Path, n: int, *, topic: str = "raw") -> None:
+    """A bridge that spooled records 0 to n-1 while Kafka was down, then stopped."""
+    first, _ = durable(tmp_path, [ScriptedProducer(fails=True, broker_answers=False)])
+    await first.start()
+    for i in range(n):
+        await first.publish(topic, key=b"k", value=b"%d" % i, headers=[], timeout_s=0.1)
+    await first.stop()
+
+
 async def test_a_producer_failing_while_its_broker_answers_is_rebuilt_and_the_spool_drains_in_order(
     tmp_path: Path,
 ) -> None:
@@ -131,11 +140,7 @@ async def test_a_producer_whose_broker_is_down_is_kept_and_records_wait_in_the_s
 async def test_records_left_in_the_spool_at_start_are_drained_before_new_ones(
     tmp_path: Path,
 ) -> None:
-    first, _ = durable(tmp_path, [ScriptedProducer(fails=True, broker_answers=False)])
-    await first.start()
-    for n in range(3):
-        await publish(first, n)
-    await first.stop()
+    await leave_spooled(tmp_path, 3)
 
     healthy = ScriptedProducer(fails=False)
     second, _ = durable(tmp_path, [healthy])
@@ -368,11 +373,7 @@ async def test_requests_failing_together_start_one_broker_check_and_are_spooled_
 async def test_a_spool_segment_unreadable_at_start_is_drained_once_it_can_be_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first, _ = durable(tmp_path, [ScriptedProducer(fails=True, broker_answers=False)])
-    await first.start()
-    for n in range(3):
-        await publish(first, n)
-    await first.stop()
+    await leave_spooled(tmp_path, 3)
     (segment,) = (tmp_path / "spool").glob("*.seg")
     real_pread = os.pread
 
@@ -424,10 +425,7 @@ async def test_records_spooled_for_a_topic_kafka_does_not_have_get_it_created_an
     tmp_path: Path,
 ) -> None:
     # Spooled under an earlier BRIDGE_TOPIC_RAW, say: connecting creates only today's topics.
-    first, _ = durable(tmp_path, [ScriptedProducer(fails=True, broker_answers=False)])
-    await first.start()
-    await first.publish("raw.old", key=b"k", value=b"0", headers=[], timeout_s=0.1)
-    await first.stop()
+    await leave_spooled(tmp_path, 1, topic="raw.old")
 
     kafka = KnownTopicsOnly({"raw"})
     created: list[list[str]] = []

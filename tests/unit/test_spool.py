@@ -93,6 +93,14 @@ def put_back(directory: Path, *, aside: Path) -> None:
     aside.rename(directory)
 
 
+def damage_second_record(directory: Path) -> None:
+    """Flip a byte inside the second record of segment 1."""
+    segment = directory / "00000000000000000001.seg"
+    data = bytearray(segment.read_bytes())
+    data[FRAME_BYTES + 30] ^= 0xFF
+    segment.write_bytes(bytes(data))
+
+
 def write_odd_segments(directory: Path) -> None:
     """Empty, random, half-valid, one-byte and not-a-file segments, plus a stray file.
 
@@ -562,10 +570,7 @@ async def test_frame_of_an_unknown_format_version_is_set_aside_not_misread(
 
 async def test_damage_is_set_aside_and_counted_once_across_restarts(spool_dir: Path) -> None:
     await spool_with(spool_dir, [make_record(i) for i in range(3)])
-    segment = spool_dir / "00000000000000000001.seg"
-    data = bytearray(segment.read_bytes())
-    data[FRAME_BYTES + 30] ^= 0xFF
-    segment.write_bytes(bytes(data))
+    damage_second_record(spool_dir)
     async with Spool(directory=spool_dir) as spool:
         assert spool.stats().corrupt_records == 1
     async with Spool(directory=spool_dir) as spool:
@@ -795,6 +800,20 @@ async def test_stats_count_pending_records_bytes_segments_and_the_oldest(
 # -- segments that cannot be read -------------------------------------------------------------
 
 
+def as_spool_of_its_own(moved: Path, directory: Path) -> Path:
+    """A segment moved into corrupt/, copied as the only segment of a new spool directory
+    (as an operator drains it with ``wifi-bridge spool drain``)."""
+    directory.mkdir()
+    shutil.copy(moved, directory / "00000000000000000001.seg")
+    return directory
+
+
+async def read_moved_segment(moved: Path, directory: Path) -> list[SpooledEntry]:
+    """What a segment moved into corrupt/ holds."""
+    async with Spool(directory=as_spool_of_its_own(moved, directory)) as spool:
+        return await read_all(spool)
+
+
 def _pread_failing_on(segment_id: int) -> Callable[..., bytes]:
     """``os.pread`` that fails with an I/O error on one segment file, as a bad disk block."""
     real = os.pread
@@ -845,11 +864,9 @@ async def test_a_segment_that_stays_unreadable_is_moved_aside_whole_and_the_rest
     (moved,) = (spool_dir / "corrupt").iterdir()
     assert moved.name == "00000000000000000001_000000000000-end_unreadable.seg"
     # Kept whole: a spool of its own gives its records back (wifi-bridge spool drain).
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(moved, alone / "00000000000000000001.seg")
-    async with Spool(directory=alone) as spool:
-        assert values(await read_all(spool)) == [make_record(i).value for i in range(3)]
+    assert values(await read_moved_segment(moved, tmp_path / "alone")) == [
+        make_record(i).value for i in range(3)
+    ]
 
 
 async def test_an_unreadable_active_segment_is_sealed_before_it_is_moved_aside(
@@ -866,19 +883,14 @@ async def test_an_unreadable_active_segment_is_sealed_before_it_is_moved_aside(
         assert values(await read_all(spool)) == [make_record(10).value]
     monkeypatch.undo()
     (moved,) = (spool_dir / "corrupt").iterdir()
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(moved, alone / "00000000000000000001.seg")
-    async with Spool(directory=alone) as spool:
-        assert values(await read_all(spool)) == [make_record(i).value for i in range(3)]
+    assert values(await read_moved_segment(moved, tmp_path / "alone")) == [
+        make_record(i).value for i in range(3)
+    ]
 
 
 async def test_a_copy_aside_cut_short_by_a_crash_is_made_again_whole(spool_dir: Path) -> None:
     await spool_with(spool_dir, [make_record(i) for i in range(3)])
-    segment = spool_dir / "00000000000000000001.seg"
-    data = bytearray(segment.read_bytes())
-    data[FRAME_BYTES + 30] ^= 0xFF
-    segment.write_bytes(bytes(data))
+    damage_second_record(spool_dir)
     async with Spool(directory=spool_dir) as spool:
         assert spool.stats().corrupt_records == 1
     (copy,) = (spool_dir / "corrupt").iterdir()
