@@ -60,6 +60,13 @@ class BodyTooLarge(RequestError):
     code = "body_too_large"
 
 
+class BodyTimeout(RequestError):
+    """The body did not arrive within the read timeout (a stalled or trickling client)."""
+
+    http_status = 408
+    code = "body_timeout"
+
+
 class ClientDisconnected(RequestError):
     """The client closed the connection before its body arrived; nobody is left to answer."""
 

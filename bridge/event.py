@@ -37,13 +37,16 @@ class LoginIdentity:
 
 
 def _id_text(value: Any) -> str | None:
-    """An id as the sender means it: 888, "888" and 888.0 are one id; bool is not an id."""
-    if value is None or isinstance(value, bool):
+    """An id as the sender means it: 888, "888" and 888.0 are one id; bool, and anything but
+    a number or a string (an array, an object), is not an id."""
+    kind = type(value)
+    if kind is str:
+        return value.strip() or None
+    if kind is int:
+        return str(value)
+    if kind is not float:
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return text or None
+    return str(int(value)) if value.is_integer() else str(value)
 
 
 def normalise_mac(value: Any) -> str | None:
@@ -103,7 +106,11 @@ def identify(body: dict[str, Any]) -> LoginIdentity:
     venue_id = _id_text(venue.get("id"))
     raw_time = _section(body, "session").get("authenticationTime")
     time_ms = parse_time_ms(raw_time)
-    time_text = str(time_ms) if time_ms is not None else (str(raw_time) if raw_time else "")
+    if time_ms is not None:
+        time_text = str(time_ms)
+    else:  # not a time: as the sender wrote it, if it wrote a string or a number
+        kind = type(raw_time)
+        time_text = str(raw_time) if raw_time and kind in (str, int, float) else ""
 
     key = user_id or mac or FALLBACK_KEY
     identity = _SEPARATOR.join(

@@ -71,6 +71,24 @@ def _connector(settings: BridgeSettings, metrics: BridgeMetrics) -> Connect:
     return connect
 
 
+async def _finish_requests(
+    runner: web.ServerRunner, metrics: BridgeMetrics, *, timeout_s: float
+) -> None:
+    """Stop listening, then wait (at most ``timeout_s``) for the webhooks in progress.
+
+    Only then may the runner's cleanup close the connections: aiohttp drops the bytes that
+    reach a connection it closed, so a request whose body was still arriving would never
+    complete. Meanwhile each answer closes its connection (see ``Receiver.webhook``).
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    # A poll, only while shutting down: the count is a plain number on the request path.
+    while metrics.in_flight > 0 and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
 async def serve(
     settings: BridgeSettings, *, stop: asyncio.Event | None = None, handle_signals: bool = True
 ) -> int:
@@ -144,6 +162,7 @@ async def serve(
     finally:
         log.info("shutting down: finishing in-flight requests")
         state.shutting_down = True
+        await _finish_requests(runner, metrics, timeout_s=settings.shutdown_timeout_s)
         await runner.cleanup()
         await publisher.stop()
         for signum in signals:

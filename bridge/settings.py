@@ -85,6 +85,12 @@ BRIDGE_OPTIONS: tuple[Option, ...] = (
         "how long a request waits for Kafka's acknowledgement before its record is spooled",
     ),
     Option(
+        "BRIDGE_READ_TIMEOUT_MS",
+        "5000",
+        "how long a request's head may take to arrive once its connection is open (the "
+        "connection is closed) and its body once its head has (answered 408)",
+    ),
+    Option(
         "BRIDGE_SPOOL_DIR",
         ".spool",
         "directory of the local spool that takes records while Kafka does not acknowledge",
@@ -189,6 +195,7 @@ class BridgeSettings:
     tls_keyfile: Path | None = None
     max_body_bytes: int = 65536
     ack_timeout_ms: int = 5000
+    read_timeout_ms: int = 5000
     spool_dir: Path = Path(".spool")
     spool_max_bytes: int = 1 << 30
     spool_fsync: bool = True
@@ -235,6 +242,9 @@ class BridgeSettings:
             ack_timeout_ms=config.integer(
                 values, "BRIDGE_ACK_TIMEOUT_MS", minimum=100, maximum=9000
             ),
+            read_timeout_ms=config.integer(
+                values, "BRIDGE_READ_TIMEOUT_MS", minimum=100, maximum=60_000
+            ),
             spool_dir=Path(config.text(values, "BRIDGE_SPOOL_DIR")),
             spool_max_bytes=config.integer(values, "BRIDGE_SPOOL_MAX_BYTES", minimum=1 << 20),
             spool_fsync=config.boolean(values, "BRIDGE_SPOOL_FSYNC"),
@@ -269,6 +279,10 @@ class BridgeSettings:
     @property
     def ack_timeout_s(self) -> float:
         return self.ack_timeout_ms / 1000
+
+    @property
+    def read_timeout_s(self) -> float:
+        return self.read_timeout_ms / 1000
 
 
 def _max_body_bytes(values: config.Values) -> int:

@@ -32,6 +32,7 @@ from bridge.auth import Gate
 from bridge.errors import (
     BadBody,
     BadEncoding,
+    BodyTimeout,
     ClientDisconnected,
     RequestError,
     Unauthorized,
@@ -102,6 +103,7 @@ class Receiver:
         self.state = state if state is not None else BridgeState()
         self.gate = Gate.from_settings(settings)
         self._ack_timeout_s = settings.ack_timeout_s
+        self._read_timeout_s = settings.read_timeout_s
         self._webhook_path = settings.webhook_path
         self._token_prefix = settings.webhook_path + "/" if settings.token else None
         self._routes: dict[str, Handler] = {
@@ -141,6 +143,8 @@ class Receiver:
             outcome, response = exc.code, _error(exc)
         except WifiBridgeError as exc:
             outcome, response = exc.code, _error(exc)
+            if isinstance(exc, BodyTimeout):  # what is left of the body is not waited for
+                response.force_close()
         except Exception:
             log.exception("unexpected error handling a webhook")
             outcome = "internal_error"
@@ -148,6 +152,10 @@ class Receiver:
         finally:
             self.metrics.in_flight -= 1
         self.metrics.count_request(method, outcome)
+        if self.state.shutting_down:
+            # Its connection closes after this answer: while in-flight requests finish, a
+            # keep-alive connection brings no further one.
+            response.force_close()
         return response
 
     async def _webhook(self, request: web.BaseRequest, method: str) -> tuple[str, web.Response]:
@@ -174,7 +182,9 @@ class Receiver:
         received_ms = int(time.time() * 1000)
         content_type = request.headers.get(hdrs.CONTENT_TYPE, _JSON)
         encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
-        raw = await bodies.read_bounded(request, max_bytes=settings.max_body_bytes)
+        raw = await bodies.read_bounded(
+            request, max_bytes=settings.max_body_bytes, timeout_s=self._read_timeout_s
+        )
         data = raw
         try:
             if encoding:
@@ -187,12 +197,17 @@ class Receiver:
                 raise BadBody(
                     f"body must be a JSON object, got {type(parsed).__name__}", code="not_an_object"
                 )
+            try:
+                identity = identify(parsed)
+            except Exception as exc:  # no body may end in a 500 and be lost
+                raise BadBody(
+                    f"the body's ids cannot be read ({type(exc).__name__})", code="unreadable"
+                ) from None
         except (BadBody, BadEncoding) as exc:
             # A body whose encoding is broken is kept as it came, still encoded.
             kept, kept_encoding = (raw, encoding) if isinstance(exc, BadEncoding) else (data, "")
             await self._dead_letter(exc, kept, content_type, kept_encoding, received_ms)
             raise
-        identity = identify(parsed)
         event_id = identity.event_id.encode()
         headers: Headers = [
             ("event-id", event_id),
@@ -271,6 +286,88 @@ class Receiver:
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
 
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, with a deadline for a first request head and errors of
+    its own HTTP parser answered as the receiver answers (JSON, the listener header).
+
+    aiohttp's keep-alive timer only starts after a first answer: without the deadline, a
+    client that connects and sends nothing, or half a head, would hold its connection (and a
+    file descriptor) for good, before any allowlist or token could refuse it.
+    """
+
+    def __init__(
+        self, manager: _Server, *, read_timeout_s: float, metrics: BridgeMetrics, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._read_timeout_s = read_timeout_s
+        self._metrics = metrics
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._head_timer = loop.call_later(self._read_timeout_s, self._check_first_head)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _check_first_head(self) -> None:
+        self._head_timer = None
+        if self._request_count == 0 and self.transport is not None:  # no whole head yet
+            self._metrics.count_request("unknown", "head_timeout")
+            self.force_close()
+            self.transport.close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own answer is text quoting the bytes at fault (the request line, with a
+        # URL token); it logs them, and refuses if an answer was begun already.
+        super().handle_error(request, status, exc, message)
+        self._metrics.count_request("unknown", "bad_http")
+        response = _json(
+            status,
+            {
+                "error": "bad_request" if status < 500 else "internal_error",
+                "message": "the request is not valid HTTP",
+            },
+        )
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """:class:`aiohttp.web.Server` making :class:`_Connection` handlers."""
+
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        read_timeout_s: float,
+        metrics: BridgeMetrics,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._read_timeout_s = read_timeout_s
+        self._metrics = metrics
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(
+            self,
+            read_timeout_s=self._read_timeout_s,
+            metrics=self._metrics,
+            loop=self._loop,
+            **self._kwargs,
+        )
+
+
 def create_server(receiver: Receiver) -> web.Server:
     """The HTTP server of ``receiver``, to run with :class:`aiohttp.web.ServerRunner`."""
     max_size = receiver.settings.max_body_bytes
@@ -288,8 +385,10 @@ def create_server(receiver: Receiver) -> web.Server:
             message, payload, protocol, writer, task, loop, client_max_size=max_size
         )
 
-    return web.Server(
+    return _Server(
         receiver.handle,
+        read_timeout_s=receiver.settings.read_timeout_s,
+        metrics=receiver.metrics,
         request_factory=make_request,
         auto_decompress=False,  # bodies are decompressed by us, with a bound on the output
         access_log=None,  # an access log would print the URL token
