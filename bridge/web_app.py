@@ -36,6 +36,7 @@ from bridge.errors import (
     ClientDisconnected,
     RequestError,
     Unauthorized,
+    UnsupportedEncoding,
     WifiBridgeError,
 )
 from bridge.event import identify
@@ -203,9 +204,10 @@ class Receiver:
                 raise BadBody(
                     f"the body's ids cannot be read ({type(exc).__name__})", code="unreadable"
                 ) from None
-        except (BadBody, BadEncoding) as exc:
-            # A body whose encoding is broken is kept as it came, still encoded.
-            kept, kept_encoding = (raw, encoding) if isinstance(exc, BadEncoding) else (data, "")
+        except (BadBody, BadEncoding, UnsupportedEncoding) as exc:
+            # A body whose encoding is broken or unknown is kept as it came, still encoded.
+            encoded = isinstance(exc, BadEncoding | UnsupportedEncoding)
+            kept, kept_encoding = (raw, encoding) if encoded else (data, "")
             await self._dead_letter(exc, kept, content_type, kept_encoding, received_ms)
             raise
         event_id = identity.event_id.encode()

@@ -279,19 +279,24 @@ async def test_gzip_bomb_gets_413_without_inflating_it(start_bridge: StartBridge
     await _still_serves(bridge)
 
 
-async def test_truncated_gzip_gets_400_and_is_kept_in_the_dead_letter_topic(
-    start_bridge: StartBridge, kafka_bootstrap: str
+@pytest.mark.parametrize(
+    ("encoding", "status", "code"),
+    [("gzip", 400, "bad_encoding"), ("br", 415, "unsupported_encoding")],
+    ids=["truncated-gzip", "unknown-encoding"],
+)
+async def test_a_body_it_cannot_decode_gets_an_error_and_is_kept_in_the_dead_letter_topic(
+    start_bridge: StartBridge, kafka_bootstrap: str, encoding: str, status: int, code: str
 ) -> None:
     bridge = await start_bridge()
     stream = gzip.compress(DOCUMENTED_SAMPLE)
     cut = stream[: len(stream) // 2]
-    status, _, payload = await post(bridge.webhook_url, cut, headers={"Content-Encoding": "gzip"})
-    assert (status, payload["error"]) == (400, "bad_encoding")
+    answer, _, payload = await post(bridge.webhook_url, cut, headers={"Content-Encoding": encoding})
+    assert (answer, payload["error"]) == (status, code)
     records = await consume(kafka_bootstrap, bridge.topic_dlq, count=1)
     assert len(records) == 1
-    assert records[0].value == cut
-    assert headers_of(records[0])["dlq-reason"] == b"bad_encoding"
-    assert headers_of(records[0])["content-encoding"] == b"gzip"
+    assert records[0].value == cut  # as it came, still encoded
+    assert headers_of(records[0])["dlq-reason"] == code.encode()
+    assert headers_of(records[0])["content-encoding"] == encoding.encode()
     await _still_serves(bridge)
 
 
