@@ -51,6 +51,11 @@ DEFAULT_SEGMENT_BYTES: Final = 16 << 20  # 16 MiB
 #: ``corrupt/`` whole, so that the records behind it are drained; at least this many tries.
 DEFAULT_UNREADABLE_SET_ASIDE_S: Final = 300.0
 _UNREADABLE_MIN_TRIES: Final = 3
+#: Read errors that say nothing about the file (the process or the system is short of file
+#: descriptors or memory): they never count towards moving a segment aside.
+_NOT_THE_FILE: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR}
+)
 
 FORMAT_VERSION: Final = 1
 #: 0xF5 never occurs in UTF-8 text, and spooled values are JSON, so a resync scan rarely
@@ -1028,7 +1033,7 @@ class Spool:
         self._unreadable: dict[int, tuple[float, int]] = {}
         # The spool's own worker threads: a disk write must not queue behind other blocking
         # work of the process (a Kafka metadata request waiting out its timeout, say).
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-io")
+        self._executor = _io_executor()
         self._corrupt_dir = self._directory / _CORRUPT_DIR
         self._writer = _SegmentWriter(directory=self._directory, fsync=fsync)
         self._segments: dict[int, _Segment] = {}
@@ -1076,6 +1081,9 @@ class Spool:
         try:
             self._lock_fd, recovered = await self._io(self._open_blocking)
         except OSError as exc:
+            # Its worker would idle until exit; a new executor starts no thread until used.
+            self._executor.shutdown(wait=False)
+            self._executor = _io_executor()
             raise SpoolUnavailable(
                 f"cannot open spool {self._directory}: {exc.strerror or exc}"
             ) from exc
@@ -1356,7 +1364,8 @@ class Spool:
         """
         now = time.monotonic()
         first_s, tries = self._unreadable.get(segment.id, (now, 0))
-        tries += 1
+        if exc.errno not in _NOT_THE_FILE:
+            tries += 1
         self._unreadable[segment.id] = (first_s, tries)
         if tries < _UNREADABLE_MIN_TRIES or now - first_s < self._unreadable_set_aside_s:
             return False
@@ -1609,6 +1618,10 @@ class Spool:
     def _require_open(self) -> None:
         if not self._open:
             raise SpoolUnavailable("spool is not open")
+
+
+def _io_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-io")
 
 
 def read_stats(directory: Path) -> SpoolStats:

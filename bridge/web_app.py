@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -288,13 +289,19 @@ class Receiver:
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
 
+#: How long an idle keep-alive connection stays open (aiohttp's own default is an hour). The
+#: sender posts seconds apart within a visit at most; each new connection costs a handshake.
+_KEEPALIVE_S = 30.0
+
+
 class _Connection(RequestHandler):
     """aiohttp's connection handler, with a deadline for a first request head and errors of
     its own HTTP parser answered as the receiver answers (JSON, the listener header).
 
-    aiohttp's keep-alive timer only starts after a first answer: without the deadline, a
-    client that connects and sends nothing, or half a head, would hold its connection (and a
-    file descriptor) for good, before any allowlist or token could refuse it.
+    Without the deadline, a client that connects and sends nothing, or half a head, would hold
+    its connection (and a file descriptor) until the keep-alive timeout, before any allowlist
+    or token could refuse it. Between later requests of a connection the keep-alive timeout
+    (:data:`_KEEPALIVE_S`) is the bound.
     """
 
     def __init__(
@@ -320,8 +327,7 @@ class _Connection(RequestHandler):
         self._head_timer = None
         if self._request_count == 0 and self.transport is not None:  # no whole head yet
             self._metrics.count_request("unknown", "head_timeout")
-            self.force_close()
-            self.transport.close()
+            self.force_close()  # closes the transport too
 
     def handle_error(
         self,
@@ -332,7 +338,9 @@ class _Connection(RequestHandler):
     ) -> web.StreamResponse:
         # aiohttp's own answer is text quoting the bytes at fault (the request line, with a
         # URL token); it logs them, and refuses if an answer was begun already.
-        super().handle_error(request, status, exc, message)
+        answer = super().handle_error(request, status, exc, message)
+        if not isinstance(exc, HttpProcessingError):  # a handler's error, not the parser's
+            return answer
         self._metrics.count_request("unknown", "bad_http")
         response = _json(
             status,
@@ -391,6 +399,7 @@ def create_server(receiver: Receiver) -> web.Server:
         receiver.handle,
         read_timeout_s=receiver.settings.read_timeout_s,
         metrics=receiver.metrics,
+        keepalive_timeout=_KEEPALIVE_S,
         request_factory=make_request,
         auto_decompress=False,  # bodies are decompressed by us, with a bound on the output
         access_log=None,  # an access log would print the URL token

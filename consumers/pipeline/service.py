@@ -563,6 +563,13 @@ class PipelineService:
     ) -> None:
         numbers = [tp.partition for tp in partitions]
         log.info("partitions assigned", extra={"partitions": numbers})
+        if self._in_transaction:
+            # The partitions it already owns: committed first, since the restore below may wait
+            # for long (a pending transaction on the new ones), and this one would time out.
+            try:
+                self._commit()
+            except _TransactionFailed as exc:
+                self._fail(exc)
         self._restore(consumer, numbers)
         self.metrics.assigned.set(len(self._owned))
 
@@ -617,6 +624,8 @@ class PipelineService:
                 f"the partitions could not be rebuilt after an abort ({self._failed_rebuilds} "
                 "attempts); a restart resumes from what is committed"
             )
+        # A partition assigned a moment ago may refuse a seek until it is being fetched.
+        time.sleep(float(self._failed_rebuilds))
         self._rebuild_pending = True
 
     def _rebuild(self, partitions: Sequence[int]) -> bool:

@@ -814,14 +814,15 @@ async def read_moved_segment(moved: Path, directory: Path) -> list[SpooledEntry]
         return await read_all(spool)
 
 
-def _pread_failing_on(segment_id: int) -> Callable[..., bytes]:
-    """``os.pread`` that fails with an I/O error on one segment file, as a bad disk block."""
+def _pread_failing_on(segment_id: int, error: int = errno.EIO) -> Callable[..., bytes]:
+    """``os.pread`` that fails on one segment file, by default with an I/O error (a bad disk
+    block)."""
     real = os.pread
     name = f"{segment_id:020d}.seg"
 
     def pread(fd: int, *args: Any) -> bytes:
         if fd_path(fd).endswith(name):
-            raise OSError(errno.EIO, "Input/output error")
+            raise OSError(error, os.strerror(error))
         return real(fd, *args)
 
     return pread
@@ -902,3 +903,19 @@ async def test_a_copy_aside_cut_short_by_a_crash_is_made_again_whole(spool_dir: 
         assert spool.stats().corrupt_records == 1  # not taken as set aside before
     assert [p.name for p in (spool_dir / "corrupt").iterdir()] == [copy.name]
     assert copy.read_bytes() == whole
+
+
+async def test_running_out_of_file_descriptors_never_moves_a_segment_aside(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error says nothing about the file: it stays, to be read once descriptors are back."""
+    await spool_with(spool_dir, [make_record(i) for i in range(3)])
+    monkeypatch.setattr(os, "pread", _pread_failing_on(1, errno.EMFILE))
+    async with Spool(directory=spool_dir, unreadable_set_aside_s=0) as spool:
+        for _ in range(5):
+            with pytest.raises(SpoolUnavailable):
+                await spool.read_batch()
+        assert spool.stats().unreadable_segments == 1
+        monkeypatch.undo()
+        assert values(await read_all(spool)) == [make_record(i).value for i in range(3)]
+    assert not (spool_dir / "corrupt").exists()
