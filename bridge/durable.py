@@ -95,9 +95,7 @@ class DurablePublisher:
         # A segment that could not be read at open holds records too: the drainer tries it.
         self._backlog = stats.records > 0 or stats.unreadable_segments > 0
         if self._backlog:
-            log.info(
-                "spool holds records from before", extra={"records": self._spool.stats().records}
-            )
+            log.info("spool holds records from before", extra={"records": stats.records})
         self._metrics.watch_spool(self._spool)
         self._tasks = [
             asyncio.create_task(self._connect_loop(), name="kafka-connect"),

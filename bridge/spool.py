@@ -1143,10 +1143,7 @@ class Spool:
         async with self._read_lock:
             await self._save_checkpoint()
         async with self._write_lock:
-            await self._io(self._writer.close)
-            if self._active is not None:
-                self._active.sealed = True
-                self._active = None
+            await self._seal_active()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -1372,9 +1369,7 @@ class Spool:
         if not segment.sealed:
             async with self._write_lock:
                 if self._active is segment:
-                    await self._io(self._writer.close)
-                    segment.sealed = True
-                    self._active = None
+                    await self._seal_active()
             return False  # moved at the next try, with nothing appended meanwhile
         offset = self._read_pos.offset
         error = f"{type(exc).__name__}: {exc.strerror or exc}"
@@ -1536,10 +1531,16 @@ class Spool:
                 segment.id, segment.size_bytes
             ):
                 return None
-            await self._io(self._writer.close)
-            segment.sealed = True
-            self._active = None
+            await self._seal_active()
         return segment.id
+
+    async def _seal_active(self) -> None:
+        """Close the segment being appended to (the write lock held): the next append starts
+        a new one."""
+        await self._io(self._writer.close)
+        if self._active is not None:
+            self._active.sealed = True
+            self._active = None
 
     async def _save_checkpoint(self) -> None:
         position = self._committed

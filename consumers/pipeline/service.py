@@ -254,11 +254,7 @@ class PipelineService:
                     self._replace_producer()
                 if self._rebuild_pending:
                     self._rebuild_owned()
-            if self._in_transaction:
-                try:
-                    self._commit()
-                except _TransactionFailed as exc:
-                    self._fail(exc)  # read again by whoever takes the partitions
+            self._commit_open()  # what fails is read again by whoever takes the partitions
         finally:
             log.info("pipeline stopping: leaving the group")
             try:
@@ -443,6 +439,16 @@ class PipelineService:
             if owned.next_offset is not None
         ]
 
+    def _commit_open(self) -> None:
+        """Commit the open transaction, if one is; one that fails is aborted and the owned
+        partitions are rebuilt after this consume call (:meth:`_fail`)."""
+        if not self._in_transaction:
+            return
+        try:
+            self._commit()
+        except _TransactionFailed as exc:
+            self._fail(exc)
+
     def _send_offsets(self, offsets: list[TopicPartition]) -> None:
         """The input offsets into the open transaction, on a thread that may hang (see the
         module's docstring); a hung call fails the producer for good."""
@@ -563,13 +569,9 @@ class PipelineService:
     ) -> None:
         numbers = [tp.partition for tp in partitions]
         log.info("partitions assigned", extra={"partitions": numbers})
-        if self._in_transaction:
-            # The partitions it already owns: committed first, since the restore below may wait
-            # for long (a pending transaction on the new ones), and this one would time out.
-            try:
-                self._commit()
-            except _TransactionFailed as exc:
-                self._fail(exc)
+        # The partitions it already owns: committed first, since the restore below may wait for
+        # long (a pending transaction on the new ones), and this one would time out.
+        self._commit_open()
         self._restore(consumer, numbers)
         self.metrics.assigned.set(len(self._owned))
 
@@ -578,11 +580,7 @@ class PipelineService:
     ) -> None:
         numbers = [tp.partition for tp in partitions]
         log.info("partitions revoked", extra={"partitions": numbers})
-        if self._in_transaction:
-            try:
-                self._commit()
-            except _TransactionFailed as exc:
-                self._fail(exc)
+        self._commit_open()  # the offsets are still ours
         self._drop(numbers)
 
     def _on_lost(
