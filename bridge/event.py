@@ -36,12 +36,27 @@ class LoginIdentity:
     event_id: str
 
 
+# A whole number written with a zero fraction: "888.0" is the text of the number 888.0.
+_ZERO_FRACTION = re.compile(r"(-?[0-9]+)\.0+")
+
+
+def id_string(text: str) -> str | None:
+    """An id the sender wrote as a string: ``" 888 "``, ``"888"`` and ``"888.0"`` are ``888``
+    (the text of the numbers 888 and 888.0); any other text is the id as it is."""
+    text = text.strip()
+    if "." in text:
+        whole = _ZERO_FRACTION.fullmatch(text)
+        if whole is not None:
+            return whole[1]
+    return text or None
+
+
 def _id_text(value: Any) -> str | None:
-    """An id as the sender means it: 888, "888" and 888.0 are one id; bool, and anything but
-    a number or a string (an array, an object), is not an id."""
+    """An id as the sender means it: 888, "888", 888.0 and "888.0" are one id; bool, and
+    anything but a number or a string (an array, an object), is not an id."""
     kind = type(value)
     if kind is str:
-        return value.strip() or None
+        return id_string(value)
     if kind is int:
         return str(value)
     if kind is not float:

@@ -21,7 +21,7 @@ from typing import Any, Final
 import orjson
 
 from bridge.errors import WifiBridgeError
-from bridge.event import identify, normalise_mac, parse_time_ms
+from bridge.event import id_string, identify, normalise_mac, parse_time_ms
 
 __all__ = ["SCHEMA_PATH", "NormalisationError", "Reason", "normalise", "normalise_timed"]
 
@@ -216,10 +216,10 @@ _iso_received = _IsoUtc()
 
 
 def _id(value: Any, path: str) -> str | None:
-    """888, 888.0 and "888" are one id, "888", as in :func:`bridge.event.identify`."""
+    """888, 888.0, "888" and "888.0" are one id, "888", as in :func:`bridge.event.identify`."""
     kind = type(value)
     if kind is str:
-        return value.strip() or None
+        return id_string(value)
     if kind is int:
         return str(value)
     if value is None:
@@ -238,7 +238,7 @@ def _id(value: Any, path: str) -> str | None:
                 Reason.BAD_ID, f"{path} is too large a number to read exactly (send it as a string)"
             )
         value = int(value)
-    return str(value).strip() or None
+    return str(value)
 
 
 _EXACT_FLOAT_LIMIT: Final = 2**53  # every whole number below it is exact as a float
@@ -293,7 +293,7 @@ def _counts(value: Any, path: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for venue, count in pairs:
         if type(venue) is str and type(count) is int and 0 <= count <= _MAX_COUNT:  # usual
-            key = venue.strip()
+            key = id_string(venue)
             if key and key not in counts:
                 counts[key] = count
                 continue

@@ -46,6 +46,20 @@ def test_key_falls_back_to_mac_then_constant() -> None:
     assert identify({}).key == FALLBACK_KEY.encode()
 
 
+@pytest.mark.parametrize("spelling", ["888", " 888 ", 888.0, "888.0", "888.00"])
+def test_spellings_of_one_id_are_one_key_and_one_event(spelling: object) -> None:
+    body = orjson.loads(DOCUMENTED_SAMPLE)
+    first = identify(body)
+    body["user"]["id"] = spelling
+    body["user"]["venue"]["id"] = spelling
+    assert identify(body) == first
+
+
+@pytest.mark.parametrize("text", ["888.5", "0888", "888.", ".0", "A1.0"])
+def test_other_texts_are_ids_as_written(text: str) -> None:
+    assert identify({"user": {"id": text}}).key == text.encode()
+
+
 def test_boolean_is_not_an_id() -> None:
     assert identify({"user": {"id": True}}).key == FALLBACK_KEY.encode()
 

@@ -87,7 +87,7 @@ def test_redelivery_gives_an_identical_record() -> None:
     assert normalise(DOCUMENTED_SAMPLE) == normalise(DOCUMENTED_SAMPLE)
 
 
-@pytest.mark.parametrize("value", [888, "888", 888.0, " 888 "])
+@pytest.mark.parametrize("value", [888, "888", 888.0, " 888 ", "888.0", "888.00"])
 def test_ids_as_numbers_or_numeric_strings_become_the_same_text(value: object) -> None:
     body = sample()
     body["user"]["id"] = value
