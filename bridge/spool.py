@@ -580,8 +580,16 @@ def _move_aside(directory: Path, segment_id: int, offset: int, *, fsync: bool) -
     target = corrupt_dir / f"{segment_id:020d}_{offset:012d}-end_unreadable.seg"
     os.rename(directory / _segment_name(segment_id), target)
     if fsync:
-        _fsync_dir(corrupt_dir)
-        _fsync_dir(directory)
+        # The file is moved: a failure to flush the directories only means that a crash may
+        # bring it back to the spool, to be read (or moved) again, which loses nothing.
+        try:
+            _fsync_dir(corrupt_dir)
+            _fsync_dir(directory)
+        except OSError as exc:
+            log.warning(
+                "moved an unreadable spool segment aside, but could not flush the directories",
+                extra={"segment_id": segment_id, "error": f"{type(exc).__name__}: {exc.strerror}"},
+            )
     return target
 
 

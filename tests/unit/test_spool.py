@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bridge import spool as spool_module
 from bridge.errors import WifiBridgeError
 from bridge.spool import (
     FRAME_HEADER_BYTES,
@@ -868,6 +869,33 @@ async def test_a_segment_that_stays_unreadable_is_moved_aside_whole_and_the_rest
     assert values(await read_moved_segment(moved, tmp_path / "alone")) == [
         make_record(i).value for i in range(3)
     ]
+
+
+async def test_a_move_aside_whose_directory_flush_fails_is_still_counted_as_moved(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The rename took effect; only the flush of the directories after it failed.
+    await spool_with(spool_dir, [make_record(i) for i in range(3)])
+    monkeypatch.setattr(os, "pread", _pread_failing_on(1))
+    real_fsync_dir = spool_module._fsync_dir
+    moved = spool_dir / "corrupt" / "00000000000000000001_000000000000-end_unreadable.seg"
+
+    def fsync_dir(directory: Path) -> None:
+        if moved.exists():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync_dir(directory)
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    async with Spool(directory=spool_dir, unreadable_set_aside_s=0) as spool:
+        await spool.append(make_record(10))
+        for _ in range(2):
+            with pytest.raises(SpoolUnavailable):
+                await spool.read_batch()
+        assert values(await read_all(spool)) == [make_record(10).value]
+        stats = spool.stats()
+        assert (stats.unreadable_segments, stats.corrupt_records) == (0, 1)
+    assert moved.exists()
+    assert "vanished" not in caplog.text
 
 
 async def test_an_unreadable_active_segment_is_sealed_before_it_is_moved_aside(
