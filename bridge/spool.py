@@ -1057,6 +1057,9 @@ class Spool:
         self._read_pos = self._committed
         self._in_flight: deque[_InFlight] = deque()
         self._by_position: dict[tuple[int, int], _InFlight] = {}
+        #: Records acknowledged past the committed position when the cursor was rewound: read
+        #: again, they are acknowledged at once rather than returned to be sent again.
+        self._acked_ahead: set[tuple[int, int]] = set()
         self._records = 0
         self._bytes = 0
         self._corrupt_records = 0
@@ -1414,11 +1417,16 @@ class Spool:
         return True
 
     def _take_read(self, segment_id: int, outcome: _ReadOutcome, into: list[SpooledEntry]) -> None:
+        acked_ahead = self._acked_ahead
         for entry, incident in outcome.items:
             if entry is not None:
                 end = SpoolPosition(segment_id, entry.end_offset)
                 ts = entry.record.spooled_at_ms
                 self._push(_Kind.RECORD, segment_id, entry.offset, end, ts)
+                if acked_ahead and (segment_id, entry.offset) in acked_ahead:
+                    acked_ahead.discard((segment_id, entry.offset))
+                    self._by_position[(segment_id, entry.offset)].acked = True
+                    continue
                 into.append(entry)
             elif incident is not None:
                 self._note_incident(incident)
@@ -1491,9 +1499,18 @@ class Spool:
         return incident.saved_as
 
     async def rewind(self) -> None:
-        """Move the read cursor back to the committed position (after a failed publish)."""
+        """Move the read cursor back to the committed position (after a failed publish).
+
+        Records acknowledged beyond that position (delivered while an earlier one failed) are
+        not returned again by the reads that follow in this process: they are in Kafka.
+        """
         self._require_open()
         async with self._read_lock:
+            self._acked_ahead.update(
+                (item.segment_id, item.offset)
+                for item in self._in_flight
+                if item.acked and item.kind is _Kind.RECORD
+            )
             self._in_flight.clear()
             self._by_position.clear()
             self._read_pos = self._committed

@@ -154,6 +154,35 @@ async def test_records_left_in_the_spool_at_start_are_drained_before_new_ones(
         await second.stop()
 
 
+class FailingOnce(ScriptedProducer):
+    """Fails the first publish of one value (its batch's neighbours are delivered)."""
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(fails=False)
+        self.value: bytes | None = value
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        if value == self.value:
+            self.value = None
+            raise PublishError("Kafka did not acknowledge within the budget")
+        await super().publish(topic, key=key, value=value, headers=headers, timeout_s=timeout_s)
+
+
+async def test_a_failed_drain_sends_again_only_what_kafka_did_not_take(tmp_path: Path) -> None:
+    await leave_spooled(tmp_path, 5)
+    flaky = FailingOnce(b"1")
+    second, metrics = durable(tmp_path, [flaky])
+    await second.start()
+    try:
+        await settle(lambda: b"1" in flaky.published, timeout_s=20)
+        await settle(lambda: sample(metrics, "wifi_bridge_spool_records") == 0)
+        assert sorted(flaky.published) == [b"0", b"1", b"2", b"3", b"4"]  # each once
+    finally:
+        await second.stop()
+
+
 async def test_an_outage_logs_one_spooling_warning_however_many_requests_it_holds(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -333,6 +333,25 @@ async def test_rewind_rereads_unacknowledged_records(spool_dir: Path) -> None:
         assert values(await spool.read_batch(10)) == values(first[2:])
 
 
+async def test_records_acknowledged_past_a_failed_one_are_not_read_again_after_a_rewind(
+    spool_dir: Path,
+) -> None:
+    # A drain batch: record 1 failed, the records after it reached Kafka.
+    async with Spool(directory=spool_dir, segment_bytes=200) as spool:  # several segments
+        for i in range(6):
+            await spool.append(make_record(i))
+        first = await spool.read_batch(6)
+        await spool.acknowledge([first[0], *first[2:]])
+        assert spool.stats().records == 5
+        await spool.rewind()
+        again = await spool.read_batch(10)
+        assert values(again) == [make_record(1).value]
+        await spool.acknowledge(again)
+        assert spool.stats().records == 0
+        assert await spool.read_batch(10) == []
+    assert segment_files(spool_dir) == []
+
+
 async def test_record_larger_than_a_segment_gets_a_segment_of_its_own(spool_dir: Path) -> None:
     big = make_record(1, size=5000)
     async with Spool(directory=spool_dir, segment_bytes=1000) as spool:
