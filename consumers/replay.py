@@ -21,6 +21,9 @@ Two kinds of position:
 each partition's first record at or after it, by record timestamp); ``--ago`` is a duration back
 from now (``3h``, ``90m``, ``2d``), the same as that time. Without ``--execute`` the command only
 prints what it would move.
+A move forward past records the consumer has not read yet (``--to end``, or a time later than
+where a lagging consumer is) leaves them unread for good, a gap in the store behind it: the plan
+marks it as a skip, and ``--execute`` refuses it unless ``--allow-skip`` is given too.
 The pipeline's group is refused: its offsets, state and outputs commit together, and moving its
 input alone would emit logins again; re-derive the clean topics with a second pipeline (another
 ``PIPELINE_GROUP_ID`` and output topics) instead.
@@ -123,6 +126,24 @@ class Move:
         current = self.low if self.current is None else self.current
         new = self.low if self.new is None else self.new
         return min(current, self.high) - new
+
+    @property
+    def skips(self) -> int:
+        """Records not read yet that the move passes over: they would never be read."""
+        return max(0, -self.rereads)
+
+
+def skip_refusal(moves: Sequence[Move]) -> str | None:
+    """Why ``moves`` must not be made without ``--allow-skip``: None when they skip nothing."""
+    skipping = [m for m in moves if m.skips]
+    if not skipping:
+        return None
+    where = ", ".join(f"{m.topic}[{m.partition}] {m.skips}" for m in skipping)
+    return (
+        f"the move would skip {sum(m.skips for m in skipping)} records not read yet, for good "
+        f"({where}); to read again without a gap, pick an earlier --to/--ago; to skip them on "
+        "purpose, add --allow-skip"
+    )
 
 
 def _client(kafka: KafkaSettings) -> dict[str, str | int | float | bool]:
@@ -291,6 +312,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument(
             "--execute", action="store_true", help="make the move (without it: only show it)"
         )
+        command.add_argument(
+            "--allow-skip",
+            action="store_true",
+            help="let --execute move forward past records not read yet (they are never read)",
+        )
         config.add_options(command, "Kafka", KAFKA_OPTIONS)
 
     analytics = kinds.add_parser(
@@ -364,9 +390,13 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             who = f"consumer group {group_id} (offsets in Kafka)"
         print(f"replay {who} to {target.describe()}:")
         _print_moves(moves)
+        refusal = None if args.allow_skip else skip_refusal(moves)
         if not args.execute:
-            print("dry run: nothing changed (add --execute to move)")
+            needs = " and --allow-skip, since it skips records" if refusal else ""
+            print(f"dry run: nothing changed (add --execute{needs} to move)")
             return 0
+        if refusal is not None:
+            raise ReplayError(f"nothing moved: {refusal}")
         if args.replay == "analytics":
             asyncio.run(apply_analytics(url, group_id, moves))
         else:
@@ -385,11 +415,14 @@ def _print_moves(moves: Sequence[Move]) -> None:
 
     print(f"  {'topic':<28}{'partition':>10}{'from':>12}{'to':>12}{'end':>12}  records")
     for m in moves:
-        change = f"re-read {m.rereads}" if m.rereads >= 0 else f"skip {-m.rereads}"
+        change = f"SKIP {m.skips} (never read)" if m.skips else f"re-read {m.rereads}"
         print(
             f"  {m.topic:<28}{m.partition:>10}{shown(m.current):>12}{shown(m.new):>12}"
             f"{m.high:>12}  {change}"
         )
     again = sum(m.rereads for m in moves if m.rereads > 0)
-    skipped = sum(-m.rereads for m in moves if m.rereads < 0)
-    print(f"  {again} records to read again" + (f", {skipped} to skip" if skipped else ""))
+    skipped = sum(m.skips for m in moves)
+    print(
+        f"  {again} records to read again"
+        + (f"; SKIPS {skipped} records not read yet, which are then never read" if skipped else "")
+    )

@@ -100,7 +100,61 @@ async def test_a_group_moves_to_the_first_records_at_a_time(
     assert "9 records to read again" in out
     assert committed(kafka_bootstrap, group) == {0: 2, 1: 2, 2: 2}  # the old records stay read
 
-    code = replay(kafka_bootstrap, "group", group, "--topics", topic, "--to", "end", "--execute")
+    # Back to where it was: the 9 records it read once and would now read again.
+    code = replay(
+        kafka_bootstrap,
+        "group",
+        group,
+        "--topics",
+        topic,
+        "--to",
+        "end",
+        "--execute",
+        "--allow-skip",
+    )
+    assert code == 0
+    assert committed(kafka_bootstrap, group) == {0: 5, 1: 5, 2: 5}
+
+
+async def test_a_move_past_records_not_read_yet_is_refused_unless_skipping_is_allowed(
+    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic, group = await make_topic(kafka_bootstrap), f"replay-{uuid.uuid4().hex[:8]}"
+    now_ms = int(time.time() * 1000)
+    await produce(kafka_bootstrap, topic, [b"read"] * 6, at_ms=now_ms - 3 * HOUR_MS)
+    await asyncio.to_thread(consume_and_commit, kafka_bootstrap, topic, group, 6)
+    await produce(kafka_bootstrap, topic, [b"unread"] * 9, at_ms=now_ms - HOUR_MS)
+    assert committed(kafka_bootstrap, group) == {0: 2, 1: 2, 2: 2}  # 3 unread on each
+
+    # The dry run shows the plan, the skip marked on each partition.
+    assert replay(kafka_bootstrap, "group", group, "--topics", topic, "--to", "end") == 0
+    out = capsys.readouterr().out
+    assert out.count("SKIP 3 (never read)") == PARTITIONS
+    assert "SKIPS 9 records not read yet" in out
+    assert "--allow-skip" in out
+
+    # A time later than where the group is skips too: every record is older than 30 minutes.
+    for where in (["--to", "end"], ["--ago", "30m"]):
+        code = replay(kafka_bootstrap, "group", group, "--topics", topic, *where, "--execute")
+        assert code == 1
+        error = capsys.readouterr().err
+        assert "would skip 9 records not read yet" in error
+        for partition in range(PARTITIONS):
+            assert f"{topic}[{partition}] 3" in error
+        assert "--allow-skip" in error
+        assert committed(kafka_bootstrap, group) == {0: 2, 1: 2, 2: 2}
+
+    code = replay(
+        kafka_bootstrap,
+        "group",
+        group,
+        "--topics",
+        topic,
+        "--to",
+        "end",
+        "--execute",
+        "--allow-skip",
+    )
     assert code == 0
     assert committed(kafka_bootstrap, group) == {0: 5, 1: 5, 2: 5}
 
@@ -254,8 +308,16 @@ async def test_analytics_positions_move_to_a_time_and_show_before_they_move(
     store = analytics_target.store(group_id=group)
     assert await store.positions([topic]) == {(topic, p): None for p in range(PARTITIONS)}
 
+    # The sink has read nothing yet: the 3 older records would never be read.
     code = await asyncio.to_thread(
         replay, kafka_bootstrap, "analytics", *arguments, "--ago", "2h", "--execute"
+    )
+    assert code == 1
+    assert "would skip 3 records not read yet" in capsys.readouterr().err
+    assert await store.positions([topic]) == {(topic, p): None for p in range(PARTITIONS)}
+
+    code = await asyncio.to_thread(
+        replay, kafka_bootstrap, "analytics", *arguments, "--ago", "2h", "--execute", "--allow-skip"
     )
     assert code == 0
     assert await store.positions([topic]) == {(topic, p): 1 for p in range(PARTITIONS)}

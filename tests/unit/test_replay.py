@@ -6,7 +6,7 @@ import pytest
 
 from bridge import cli
 from bridge.errors import ConfigError
-from consumers.replay import Move, Target, parse_target
+from consumers.replay import Move, Target, parse_target, skip_refusal
 
 NOW_MS = 1_764_600_000_000  # 2025-12-01T14:40:00Z
 
@@ -52,6 +52,23 @@ def test_a_move_counts_the_records_read_again_or_skipped() -> None:
     assert Move("t", 0, current=4, new=12, low=0, high=12).rereads == -8
     # A stored position past the end (a topic created again) counts from the end.
     assert Move("t", 0, current=50, new=0, low=0, high=12).rereads == 12
+
+
+def test_a_plan_that_skips_unread_records_is_refused_naming_how_many_and_where() -> None:
+    moves = [
+        Move("visits", 0, current=4, new=12, low=0, high=12),  # 8 never read
+        Move("visits", 1, current=10, new=4, low=0, high=12),  # read again: fine
+        Move("late", 2, current=None, new=3, low=1, high=9),  # from the start: 2 never read
+    ]
+    refusal = skip_refusal(moves)
+    assert refusal is not None
+    assert "skip 10 records not read yet" in refusal
+    assert "visits[0] 8" in refusal
+    assert "late[2] 2" in refusal
+    assert "visits[1]" not in refusal
+    assert "--allow-skip" in refusal
+    assert skip_refusal(moves[1:2]) is None
+    assert skip_refusal([Move("t", 0, current=12, new=12, low=0, high=12)]) is None
 
 
 @pytest.mark.parametrize(
