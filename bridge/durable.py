@@ -34,6 +34,11 @@ _BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _WEDGED_AFTER_FAILURES = 3
 
 
+#: How often, and with what timeout, Kafka is checked while it is not known to take records.
+_WATCH_INTERVAL_S = 5.0
+_WATCH_TIMEOUT_S = 2.0
+
+
 def _backoff(attempt: int) -> float:
     return _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
 
@@ -78,6 +83,9 @@ class DurablePublisher:
         self._spooling_logged = False
         self._spool_failing = False
         self._failures = 0
+        #: Whether Kafka took the last record offered to it (or answered the last check):
+        #: False from a failed publish, drain or check until one succeeds.
+        self._kafka_answers = True
         self._wakeup = asyncio.Event()
         self._kafka_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -85,8 +93,9 @@ class DurablePublisher:
 
     @property
     def connected(self) -> bool:
+        """Whether Kafka takes records now: a producer is up and the last try succeeded."""
         kafka = self._kafka
-        return kafka is not None and kafka.connected
+        return kafka is not None and kafka.connected and self._kafka_answers
 
     async def start(self) -> None:
         """Open the spool (raises SpoolUnavailable if it cannot) and start connecting."""
@@ -100,6 +109,7 @@ class DurablePublisher:
         self._tasks = [
             asyncio.create_task(self._connect_loop(), name="kafka-connect"),
             asyncio.create_task(self._drain_loop(), name="spool-drain"),
+            asyncio.create_task(self._watch_loop(), name="kafka-watch"),
         ]
 
     async def stop(self, *, timeout_s: float = 5.0) -> None:
@@ -137,9 +147,11 @@ class DurablePublisher:
             except PublishError as exc:
                 reason = str(exc)
                 if not isinstance(exc, BatchRefused):  # the broker answered: not wedged
+                    self._kafka_answers = False
                     self._note_failure(kafka, exc)
             else:
                 self._failures = 0
+                self._kafka_answers = True
                 self._spooling_logged = False
                 return
         if not self._backlog and not self._spooling_logged:
@@ -169,8 +181,12 @@ class DurablePublisher:
     async def ping(self, *, timeout_s: float) -> bool:
         """Ready while Kafka answers or the spool still takes records."""
         kafka = self._kafka
-        if kafka is not None and await kafka.ping(timeout_s=timeout_s):
-            return True
+        if kafka is not None:
+            if await kafka.ping(timeout_s=timeout_s):
+                if not self._backlog:  # with a backlog, the drain says whether Kafka takes it
+                    self._kafka_answers = True
+                return True
+            self._kafka_answers = False
         return not self._spool_failing and self._spool.stats().bytes < self._spool.max_bytes
 
     # -- background ----------------------------------------------------------------------
@@ -195,6 +211,7 @@ class DurablePublisher:
                 continue
             attempt = 0
             self._failures = 0
+            self._kafka_answers = True
             log.info("connected to Kafka")
             self._wakeup.set()
 
@@ -232,6 +249,15 @@ class DurablePublisher:
         self._kafka_changed.set()
         with contextlib.suppress(Exception):
             await kafka.stop(timeout_s=1.0)
+
+    async def _watch_loop(self) -> None:
+        """While Kafka is not known to take records, check it now and then: with no request
+        and nothing spooled to drain, no other try would notice that it is back."""
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+            if self._kafka is not None and not self.connected:
+                with contextlib.suppress(Exception):
+                    await self.ping(timeout_s=_WATCH_TIMEOUT_S)
 
     async def _drain_loop(self) -> None:
         attempt = 0
@@ -322,6 +348,7 @@ class DurablePublisher:
         failures = [r for r in results if r is not None and not isinstance(r, RecordRefused)]
         if not failures:
             self._failures = 0
+            self._kafka_answers = True
             log.info(
                 "drained spooled records",
                 extra={"records": len(entries), "seconds": round(time.monotonic() - started, 3)},
@@ -333,6 +360,7 @@ class DurablePublisher:
             "draining the spool failed, retrying",
             extra={"failed": len(failures), "records": len(entries), "error": str(error)},
         )
+        self._kafka_answers = False
         self._note_failure(kafka, error)
         return False
 

@@ -67,7 +67,7 @@ class BridgeMetrics:
         ).set_function(lambda: self.in_flight)
         self.kafka_ready = Gauge(
             "wifi_bridge_kafka_ready",
-            "1 when the producer was connected to Kafka at the last readiness probe, else 0",
+            "1 while Kafka takes records (its last publish, drain or check succeeded), else 0",
             registry=r,
         )
         self.spooled_records = Counter(

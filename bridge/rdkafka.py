@@ -130,10 +130,14 @@ class RdKafkaPublisher:
         #: by the thread that polls.
         self._reports: list[tuple[asyncio.Future[None], KafkaError | None]] = []
         self.fatal_error: KafkaError | None = None
+        #: Set when librdkafka reports that it lost every broker connection (on the polling
+        #: thread); cleared by the next acknowledged record or answered ping.
+        self._brokers_down = False
 
     @property
     def connected(self) -> bool:
-        return self._producer is not None and self.fatal_error is None
+        """A producer is up, without a fatal error, and not cut off from every broker."""
+        return self._producer is not None and self.fatal_error is None and not self._brokers_down
 
     async def start(self) -> None:
         """Create the producer and check that a broker answers; raises if none does."""
@@ -209,6 +213,7 @@ class RdKafkaPublisher:
             # The broker answers for a whole batch, which other records may have shared.
             self._metrics.publish_errors.labels(topic=topic, error=_error_name(exc)).inc()
             raise _failure(exc, alone=False) from None
+        self._brokers_down = False
         self._metrics.ack_latency.observe(loop.time() - started)
 
     async def ping(self, *, timeout_s: float) -> bool:
@@ -218,8 +223,10 @@ class RdKafkaPublisher:
         try:
             metadata = await asyncio.to_thread(producer.list_topics, timeout=timeout_s)
         except KafkaException:
+            self._brokers_down = True
             return False
-        return bool(metadata.brokers)
+        self._brokers_down = not metadata.brokers
+        return not self._brokers_down
 
     def _poll_thread(
         self, producer: confluent_kafka.Producer, loop: asyncio.AbstractEventLoop
@@ -261,6 +268,9 @@ class RdKafkaPublisher:
         if err.fatal():
             self.fatal_error = err
             log.error("producer hit a fatal error", extra={"error": err.name()})
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._brokers_down = True
+            log.warning("Kafka client error", extra={"error": err.name()})
         else:
             log.warning("Kafka client error", extra={"error": err.name()})
 

@@ -57,6 +57,7 @@ async def test_broker_stopped_during_posts_every_post_gets_200_in_time_and_all_l
     await asyncio.to_thread(own_broker.stop)
     await asyncio.sleep(4.0)
     during_outage = len(load.acknowledged) - before_outage
+    assert await metric(bridge, "wifi_bridge_kafka_ready") == 0.0  # the alert's metric
     await asyncio.to_thread(own_broker.start)
     await asyncio.sleep(2.0)
     await load.stop()
@@ -73,6 +74,21 @@ async def test_broker_stopped_during_posts_every_post_gets_200_in_time_and_all_l
     )
     missing = set(acknowledged) - event_ids(records)
     assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged events are missing"
+
+
+async def test_a_broker_stopped_while_the_bridge_idles_is_reported_and_so_is_its_return(
+    own_broker: LocalKafka, spawn_bridge: Spawn
+) -> None:
+    """wifi_bridge_kafka_ready (the chart's Kafka alert) and /readyz follow the broker, with
+    no request to notice it and no readiness probe: the chart probes only /healthz."""
+    bridge = await spawn_bridge(KAFKA_BOOTSTRAP_SERVERS=own_broker.bootstrap_servers)
+    await wait_for_metric(bridge, "wifi_bridge_kafka_ready", 1.0)
+    await asyncio.to_thread(own_broker.stop)
+    await wait_for_metric(bridge, "wifi_bridge_kafka_ready", 0.0, timeout_s=30)
+    async with aiohttp.ClientSession() as session, session.get(bridge.base_url + "/readyz") as r:
+        assert (r.status, (await r.json())["kafka"]) == (200, False)  # ready: the spool takes posts
+    await asyncio.to_thread(own_broker.start)
+    await wait_for_metric(bridge, "wifi_bridge_kafka_ready", 1.0, timeout_s=60)
 
 
 async def post_logins(url: str, count: int) -> list[bytes]:

@@ -251,6 +251,42 @@ async def test_metrics_say_whether_kafka_is_connected_without_a_readiness_probe(
         await publisher.stop()
 
 
+async def test_kafka_going_away_while_running_is_reported_until_it_takes_records_again(
+    tmp_path: Path,
+) -> None:
+    # A broker outage is no fatal error: the producer stays, and only its failures tell.
+    producer = ScriptedProducer(fails=False)
+    publisher, _ = durable(tmp_path, [producer])
+    await publisher.start()
+    try:
+        await settle(lambda: publisher.connected)
+        producer.fails, producer.broker_answers = True, False  # the outage begins
+        await publish(publisher, 0)  # spooled
+        assert not publisher.connected
+        producer.fails, producer.broker_answers = False, True
+        await settle(lambda: producer.published == [b"0"], timeout_s=20)  # drained
+        assert publisher.connected
+    finally:
+        await publisher.stop()
+
+
+async def test_an_outage_without_traffic_is_seen_by_a_check_and_so_is_the_recovery(
+    tmp_path: Path,
+) -> None:
+    producer = ScriptedProducer(fails=False)
+    publisher, _ = durable(tmp_path, [producer])
+    await publisher.start()
+    try:
+        await settle(lambda: publisher.connected)
+        producer.broker_answers = False
+        await publisher.ping(timeout_s=1)  # a readiness probe, or the bridge's own check
+        assert not publisher.connected
+        producer.broker_answers = True  # no request, nothing spooled: only a check can tell
+        await settle(lambda: publisher.connected, timeout_s=15)
+    finally:
+        await publisher.stop()
+
+
 class SizeLimitedProducer(ScriptedProducer):
     """Refuses a record over ``limit_bytes`` as librdkafka does: at once when it is produced
     (``local``), or as the broker does, with every record that shared its batch (records
