@@ -739,6 +739,73 @@ async def test_a_record_too_large_to_dead_letter_whole_is_cut_to_fit_and_the_sin
     assert big.startswith(letter.value)
 
 
+async def run_sink_until_written(
+    settings: AnalyticsSettings, logins: int, timeout_s: float = 30.0
+) -> AnalyticsMetrics:
+    """Runs the sink in this process until it has written ``logins`` logins, then stops it."""
+    metrics, stop = AnalyticsMetrics(), asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop=stop, handle_signals=False, metrics=metrics))
+    registry = metrics.registry
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (
+            registry.get_sample_value("wifi_sink_analytics_rows_written_total", {"table": "logins"})
+            or 0
+        ) < logins:
+            assert not task.done(), "the sink stopped by itself"
+            assert time.monotonic() < deadline, "the sink is stuck"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+    return metrics
+
+
+async def test_a_letter_the_dlq_topic_refuses_as_too_large_is_cut_until_it_fits(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topics = Topics()
+    await ensure_topics(
+        KafkaSettings(bootstrap_servers=kafka_bootstrap, topic_partitions=1),
+        [
+            TopicSpec(topics.visits),
+            TopicSpec(topics.late),
+            # A smaller limit on the dead-letter topic than the producer's 1 MiB (an
+            # operator's, or a managed cluster's): the broker refuses a letter that fits 1 MiB.
+            TopicSpec(topics.dlq, configs={"max.message.bytes": "65536"}),
+        ],
+    )
+    target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'a.duckdb'}")
+    bad = b"x" * 100_000
+    await produce(
+        kafka_bootstrap, [(topics.visits, b"1", bad), login_message(topics.visits, 1, 0, "u1-a")]
+    )
+    settings = AnalyticsSettings.load(
+        None,
+        sink_env(
+            kafka_bootstrap, target, topics, ANALYTICS_METRICS_PORT="0", KAFKA_TOPIC_PARTITIONS="1"
+        ),
+    )
+
+    metrics = await run_sink_until_written(settings, 1)
+
+    assert await fetch_one(target.port(), "SELECT count(*) FROM logins") == 1
+    await target.close()
+    (letter,) = await consume(kafka_bootstrap, topics.dlq, count=1, settle_s=1.0)
+    headers = dict(letter.headers)
+    assert headers["dlq-reason"] == b"invalid_json"
+    assert headers["source-topic"] == topics.visits.encode()
+    assert headers["source-offset"] == b"0"
+    assert headers["dlq-value-truncated"] == str(len(bad)).encode()
+    assert letter.value is not None
+    assert 30_000 < len(letter.value) < 65_536
+    assert bad.startswith(letter.value)
+    rejected = metrics.registry.get_sample_value(
+        "wifi_sink_analytics_rejected_records_total", {"reason": "invalid_json"}
+    )
+    assert rejected == 1
+
+
 async def test_kafka_unreachable_at_start_is_waited_out_not_a_crash(
     kafka_bootstrap: str,
     topics: Topics,

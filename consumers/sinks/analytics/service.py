@@ -35,7 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from bridge.kafka import TopicSpec, client_options, ensure_topics, started
+from bridge.kafka import TopicSpec, client_options, ensure_topics
+from consumers.sinks.analytics.dead_letters import DeadLetterProducer
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
 from consumers.sinks.analytics.ports import sql_port
 from consumers.sinks.analytics.rows import Login, RejectedRecord, parse_login
@@ -46,7 +47,6 @@ from consumers.sinks.analytics.store import (
     Position,
     StoreUnavailable,
 )
-from consumers.sinks.crm_dlq import fit_dead_letter, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ _FIRST_BACKOFF_S = 0.1
 _KAFKA_COMMIT_TIMEOUT_S = 5.0
 # How often the sink checks, between batches, that its claims are still its own.
 _CLAIM_CHECK_S = 5.0
-#: The dead-letter producer's max_request_size (aiokafka's default): a letter is cut to fit it.
-_DLQ_MAX_BYTES = 1_048_576
 
 
 def build_store(settings: AnalyticsSettings, metrics: AnalyticsMetrics) -> AnalyticsStore:
@@ -117,7 +115,9 @@ class AnalyticsSink:
         self._metrics = metrics
         self._stop = stop
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._dead_letters = DeadLetterProducer(
+            self._make_producer, topic=settings.topic_dlq, max_bytes=settings.dlq_max_bytes
+        )
         #: Partitions claimed in the database: their epoch and the next offset to write.
         self._epochs: dict[TopicPartition, int] = {}
         self._next: dict[TopicPartition, int] = {}
@@ -201,7 +201,7 @@ class AnalyticsSink:
         try:
             started = (
                 await self._until_started("topics", lambda: ensure_topics(settings.kafka, topics))
-                and await self._until_started("producer", self._start_producer)
+                and await self._until_started("producer", self._dead_letters.start)
                 and await self._until_started("consumer", self._start_consumer)
             )
             if started:
@@ -210,8 +210,7 @@ class AnalyticsSink:
         finally:
             if self._consumer is not None:
                 await self._consumer.stop()
-            if self._producer is not None:
-                await self._producer.stop()
+            await self._dead_letters.stop()
             await self._store.close()
 
     async def _until_started(self, what: str, start: Callable[[], Awaitable[object]]) -> bool:
@@ -235,14 +234,13 @@ class AnalyticsSink:
             return True
         return False
 
-    async def _start_producer(self) -> None:
-        producer = AIOKafkaProducer(
+    def _make_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             **client_options(self._settings.kafka),
             acks="all",
             enable_idempotence=True,
-            max_request_size=_DLQ_MAX_BYTES,
+            max_request_size=self._settings.dlq_max_bytes,
         )
-        self._producer = await started(producer)
 
     async def _start_consumer(self) -> None:
         settings = self._settings
@@ -423,20 +421,28 @@ class AnalyticsSink:
         return True
 
     async def _dead_letter(self, rejects: Sequence[tuple[Record, RejectedRecord]]) -> None:
-        assert self._producer is not None
-        sent: list[tuple[TopicPartition, int, RejectedRecord]] = []
-        waits = []
-        for record, error in rejects:
-            tp = TopicPartition(record.topic, record.partition)
-            if record.offset < self._dead_lettered.get(tp, 0):
-                continue  # this batch failed after its dead letters were published
-            key, value, headers = _letter(record, error)
-            waits.append(
-                await self._producer.send(
-                    self._settings.topic_dlq, value=value, key=key, headers=headers
-                )
-            )
-            sent.append((tp, record.offset, error))
+        """Publish the batch's dead letters; raises the first KafkaError that kept one out.
+
+        Letters a failed batch already published are skipped when it is tried again: per
+        partition, up to the first letter Kafka did not take.
+        """
+        fresh = [
+            (record, error)
+            for record, error in rejects
+            if record.offset >= self._dead_lettered.get(_partition(record), 0)
+        ]
+        outcomes = await self._dead_letters.publish(fresh)
+        failed: set[TopicPartition] = set()
+        first_error: KafkaError | None = None
+        for (record, error), outcome in zip(fresh, outcomes, strict=True):
+            tp = _partition(record)
+            if outcome is not None or tp in failed:
+                failed.add(tp)
+                first_error = first_error or outcome
+                continue
+            # Counted once, when published: a batch tried again skips (and does not count) it.
+            self._dead_lettered[tp] = max(self._dead_lettered.get(tp, 0), record.offset + 1)
+            self._metrics.rejected.labels(reason=error.reason.value).inc()
             log.warning(
                 "record is not a canonical login: sent to the dead-letter topic",
                 extra={
@@ -446,12 +452,8 @@ class AnalyticsSink:
                     "reason": error.reason.value,
                 },
             )
-        if waits:
-            await asyncio.gather(*waits)
-        # Counted once, when published: a batch tried again skips (and does not count) them.
-        for tp, offset, error in sent:
-            self._dead_lettered[tp] = max(self._dead_lettered.get(tp, 0), offset + 1)
-            self._metrics.rejected.labels(reason=error.reason.value).inc()
+        if first_error is not None:
+            raise first_error
 
     def _rewind(self, consumer: AIOKafkaConsumer, batch: _Batch) -> None:
         """Seek the partitions still ours back to the batch's first records."""
@@ -499,33 +501,8 @@ class AnalyticsSink:
                 )
 
 
-def _letter(
-    record: Record, error: RejectedRecord
-) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
-    """Key, value and headers of the dead letter of ``record``, at most ``_DLQ_MAX_BYTES``.
-
-    The record whole with its headers, when that fits; else (a record near the largest
-    message, which the producer would refuse at every retry of the batch) only its event id
-    is kept of its headers, and its value is cut to fit (``dlq-value-truncated`` holds its
-    length; the record itself is still at ``source-offset``).
-    """
-    own = [
-        ("dlq-reason", error.reason.value.encode()),
-        ("dlq-detail", error.message.encode()),
-        ("source-topic", record.topic.encode()),
-        ("source-partition", str(record.partition).encode()),
-        ("source-offset", str(record.offset).encode()),
-    ]
-    copied = [(k, v) for k, v in (record.headers or ()) if not k.startswith("dlq-")]
-    headers = [*copied, *own]
-    sized = [(k, v or b"") for k, v in headers]
-    if record_bytes(record.key, record.value, sized) <= _DLQ_MAX_BYTES:
-        return record.key, record.value, headers
-    event_id = [(k, v or b"") for k, v in copied if k == "event-id"][:1]
-    letter = fit_dead_letter(
-        key=record.key, value=record.value, headers=[*event_id, *own], max_bytes=_DLQ_MAX_BYTES
-    )
-    return letter.key, letter.value, list(letter.headers)
+def _partition(record: Record) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)
 
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:

@@ -12,6 +12,7 @@ from bridge import config
 from bridge.config import Option
 from bridge.errors import ConfigError
 from bridge.settings import KAFKA_OPTIONS, KafkaSettings
+from consumers.sinks.crm_dlq import MIN_MESSAGE_BYTES
 
 __all__ = ["ANALYTICS_OPTIONS", "AnalyticsSettings", "StoreUrl", "parse_store_url"]
 
@@ -29,6 +30,13 @@ ANALYTICS_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ANALYTICS_TOPIC_DLQ", "wifi.auth.dlq", "topic for records that are not canonical logins"
+    ),
+    Option(
+        "ANALYTICS_DLQ_MAX_BYTES",
+        "1048576",
+        "largest dead letter sent (the producer's max_request_size, at least 8192); a record "
+        "that does not fit beside the headers is cut and marked dlq-value-truncated, and one "
+        "the topic refuses as too large (a smaller max.message.bytes) is cut further",
     ),
     Option(
         "ANALYTICS_GROUP_ID",
@@ -104,6 +112,7 @@ class AnalyticsSettings:
     store: StoreUrl
     topics: tuple[str, ...] = ("wifi.auth.visits", "wifi.auth.late")
     topic_dlq: str = "wifi.auth.dlq"
+    dlq_max_bytes: int = 1_048_576
     group_id: str = "wifi-sink-analytics"
     batch_max_records: int = 2000
     batch_wait_ms: int = 200
@@ -127,6 +136,9 @@ class AnalyticsSettings:
             store=parse_store_url(config.text(values, "ANALYTICS_URL")),
             topics=topics,
             topic_dlq=config.text(values, "ANALYTICS_TOPIC_DLQ"),
+            dlq_max_bytes=config.integer(
+                values, "ANALYTICS_DLQ_MAX_BYTES", minimum=MIN_MESSAGE_BYTES
+            ),
             group_id=config.text(values, "ANALYTICS_GROUP_ID"),
             batch_max_records=config.integer(
                 values, "ANALYTICS_BATCH_MAX_RECORDS", minimum=1, maximum=100_000
