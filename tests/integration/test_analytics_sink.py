@@ -24,7 +24,7 @@ import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, OutOfOrderSequenceNumber
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.kafka import TopicSpec, ensure_topics
@@ -804,6 +804,38 @@ async def test_a_letter_the_dlq_topic_refuses_as_too_large_is_cut_until_it_fits(
         "wifi_sink_analytics_rejected_records_total", {"reason": "invalid_json"}
     )
     assert rejected == 1
+
+
+async def test_a_wedged_dead_letter_producer_is_replaced_and_the_letter_delivered(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'a.duckdb'}")
+    stream = [(topics.visits, b"1", b"{this is not json"), login_message(topics.visits, 1, 0, "u1")]
+    await produce(kafka_bootstrap, stream)
+    # What an idempotent producer does after a broker outage (aio-libs/aiokafka#1017): the
+    # first producer fails every send from then on; a new one sends again.
+    send = AIOKafkaProducer.send
+    wedged: list[AIOKafkaProducer] = []
+
+    async def first_producer_wedged(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
+        if not wedged:
+            wedged.append(self)
+        if self is wedged[0]:
+            raise OutOfOrderSequenceNumber()
+        return await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send", first_producer_wedged)
+    settings = AnalyticsSettings.load(
+        None, sink_env(kafka_bootstrap, target, topics, ANALYTICS_METRICS_PORT="0")
+    )
+
+    await run_sink_until_written(settings, 1)
+
+    (letter,) = await consume(kafka_bootstrap, topics.dlq, count=1, settle_s=1.0)
+    assert dict(letter.headers)["dlq-reason"] == b"invalid_json"
+    assert letter.value == stream[0][2]
+    assert await fetch_one(target.port(), "SELECT count(*) FROM logins") == 1
+    await target.close()
 
 
 async def test_kafka_unreachable_at_start_is_waited_out_not_a_crash(

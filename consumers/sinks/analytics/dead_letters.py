@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     RecordListTooLargeError,
 )
 from aiokafka.structs import ConsumerRecord
@@ -33,6 +34,8 @@ __all__ = ["DeadLetterProducer", "letter"]
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# After these the producer is replaced: a refused record, or a wedged producer.
+_REPLACE = (*_TOO_LARGE, OutOfOrderSequenceNumber)
 # The headers a letter keeps however small it must be: why, and where the record is.
 _ESSENTIAL = ("dlq-reason", "source-topic", "source-partition", "source-offset")
 
@@ -69,12 +72,13 @@ def _bare(record: DeadLetterRecord) -> DeadLetterRecord:
 
 
 class DeadLetterProducer:
-    """The dead-letter topic's producer (``acks=all``, idempotent), replaced after a refusal.
+    """The dead-letter topic's producer (``acks=all``, idempotent), replaced when wedged.
 
     ``max_bytes`` (the producer's ``max_request_size``) is what a letter is first cut to. A
     broker that refuses a record leaves an idempotent producer's sequence numbers out of step
-    with it, and every later record to that partition fails with ``OutOfOrderSequenceNumber``:
-    such a producer is stopped, and the next send starts another, which gets a new producer id.
+    with it, and every later record to that partition fails with ``OutOfOrderSequenceNumber``
+    (a broker outage can do the same: aio-libs/aiokafka#1017). Such a producer is stopped,
+    and the next send starts another, which gets a new producer id.
     """
 
     def __init__(self, make: Callable[[], AIOKafkaProducer], *, topic: str, max_bytes: int) -> None:
@@ -101,8 +105,9 @@ class DeadLetterProducer:
         """Send the letters of ``letters``; per letter, None once Kafka has it, else the error.
 
         All are sent together; a letter refused as too large is then cut and sent again
-        alone (see :meth:`_send_cut`). Any other error (Kafka unavailable) is returned as it
-        is: the caller tries again later.
+        alone (see :meth:`_send_cut`), and one that met a wedged producer is sent again once
+        with a new producer. Any other error (Kafka unavailable) is returned as it is: the
+        caller tries again later.
         """
         if not letters:
             return []
@@ -112,7 +117,7 @@ class DeadLetterProducer:
         for (record, error), dead, outcome in zip(letters, cut, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, KafkaError):
                 raise outcome
-            if isinstance(outcome, _TOO_LARGE):
+            if isinstance(outcome, _REPLACE):
                 await self.reset()
                 outcome = await self._send_cut(record, error, dead)
             results.append(outcome)
@@ -130,7 +135,7 @@ class DeadLetterProducer:
         try:
             await self._send(dead)
         except KafkaError as exc:
-            if isinstance(exc, _TOO_LARGE):
+            if isinstance(exc, _REPLACE):
                 await self.reset()
             return exc
         return None
