@@ -24,9 +24,11 @@ prints what it would move.
 A move forward past records the consumer has not read yet (``--to end``, or a time later than
 where a lagging consumer is) leaves them unread for good, a gap in the store behind it: the plan
 marks it as a skip, and ``--execute`` refuses it unless ``--allow-skip`` is given too.
-The pipeline's group is refused: its offsets, state and outputs commit together, and moving its
-input alone would emit logins again; re-derive the clean topics with a second pipeline (another
-``PIPELINE_GROUP_ID`` and output topics) instead.
+The pipeline's group is refused (by name, and by its changelog topic ``<group>-changelog``): its
+offsets, state and outputs commit together, and moving its input alone would emit logins again;
+re-derive the clean topics with a second pipeline (another ``PIPELINE_GROUP_ID`` and output
+topics) instead. A group with no offsets on the topics (a mistyped name) is refused too, since
+Kafka would create it; ``--create`` gives a new group its positions on purpose.
 """
 
 from __future__ import annotations
@@ -251,11 +253,42 @@ async def apply_analytics(url: str, group: str, moves: Sequence[Move]) -> None:
 # Consumer groups that commit to Kafka
 
 
+def pipeline_refusal(group: str) -> str:
+    """Why the pipeline's group is never moved, and what to do instead."""
+    return (
+        f"{group} is the pipeline's group: its offsets, state and outputs commit together, and "
+        "moving its input alone would emit logins again. To re-derive the clean topics, run a "
+        "second pipeline with another PIPELINE_GROUP_ID and other output topics"
+    )
+
+
+def _group_state(admin: AdminClient, group: str) -> tuple[ConsumerGroupState, int]:
+    """The group's state and how many members it has (a group Kafka does not know: DEAD, 0)."""
+    (described,) = admin.describe_consumer_groups([group]).values()
+    description = described.result(_KAFKA_TIMEOUT_S)
+    state: ConsumerGroupState = description.state
+    return state, len(description.members)
+
+
+def _has_members(group: str, state: ConsumerGroupState, members: int) -> ReplayError:
+    return ReplayError(
+        f"group {group} has {members} active member(s) (state {state.name}): stop its "
+        "consumers first, since Kafka takes new offsets only for an empty group"
+    )
+
+
 def plan_group(
-    kafka: KafkaSettings, group: str, topics: Sequence[str], target: Target
+    kafka: KafkaSettings, group: str, topics: Sequence[str], target: Target, *, create: bool
 ) -> list[Move]:
-    offsets = _offsets(kafka, topics, target)
+    """The moves of ``group``; :class:`ConfigError` for the pipeline's group, and
+    :class:`ReplayError` for a group with no offsets on ``topics`` unless ``create``."""
     admin = AdminClient(_client(kafka))
+    # The pipeline names its changelog after its group unless told otherwise, so this finds
+    # it under any PIPELINE_GROUP_ID. The whole topic list: asked for by name, a broker that
+    # creates topics on request would create the changelog.
+    if f"{group}-changelog" in admin.list_topics(timeout=_KAFKA_TIMEOUT_S).topics:
+        raise ConfigError(pipeline_refusal(group))
+    offsets = _offsets(kafka, topics, target)
     request = [ConsumerGroupTopicPartitions(group)]
     (future,) = admin.list_consumer_group_offsets(request).values()
     committed = {
@@ -263,6 +296,21 @@ def plan_group(
         for tp in future.result(_KAFKA_TIMEOUT_S).topic_partitions
         if tp.offset >= 0
     }
+    if not create and not committed.keys() & offsets.keys():
+        # Kafka would create the group with these offsets: a mistyped name would "succeed".
+        state, members = _group_state(admin, group)
+        if members:
+            raise _has_members(group, state, members)
+        unknown = state is ConsumerGroupState.DEAD and not committed
+        raise ReplayError(
+            (
+                f"group {group} does not exist (no member, no committed offsets): check its name"
+                if unknown
+                else f"group {group} has committed no offsets on {', '.join(topics)}: check "
+                "the group and the topics"
+            )
+            + "; to give a new consumer group these positions on purpose, add --create"
+        )
     return [
         Move(topic, partition, committed.get((topic, partition)), offset, low, high)
         for (topic, partition), (offset, low, high) in sorted(offsets.items())
@@ -271,16 +319,11 @@ def plan_group(
 
 def apply_group(kafka: KafkaSettings, group: str, moves: Sequence[Move]) -> None:
     admin = AdminClient(_client(kafka))
-    (described,) = admin.describe_consumer_groups([group]).values()
-    description = described.result(_KAFKA_TIMEOUT_S)
-    if description.members:
-        raise ReplayError(
-            f"group {group} has {len(description.members)} active member(s) (state "
-            f"{description.state.name}): stop its consumers first, since Kafka takes new "
-            "offsets only for an empty group"
-        )
-    if description.state not in {ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD}:
-        raise ReplayError(f"group {group} is {description.state.name}: try again in a moment")
+    state, members = _group_state(admin, group)
+    if members:
+        raise _has_members(group, state, members)
+    if state not in {ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD}:
+        raise ReplayError(f"group {group} is {state.name}: try again in a moment")
     partitions = [TopicPartition(m.topic, m.partition, m.new) for m in moves if m.new is not None]
     (future,) = admin.alter_consumer_group_offsets(
         [ConsumerGroupTopicPartitions(group, partitions)]
@@ -346,6 +389,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "sink's (wifi-sink-crm) or a data team's. Its consumers must be stopped.",
     )
     group.add_argument("group", help="the consumer group")
+    group.add_argument(
+        "--create",
+        action="store_true",
+        help="let a group with no offsets on the topics (a new one) be given these positions",
+    )
     common(group, None)
 
 
@@ -360,12 +408,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if args.replay == "group":
             pipeline_group = environ.get("PIPELINE_GROUP_ID") or "wifi-pipeline"
             if args.group == pipeline_group:
-                raise ConfigError(
-                    f"{args.group} is the pipeline's group: its offsets, state and outputs "
-                    "commit together, and moving its input alone would emit logins again. To "
-                    "re-derive the clean topics, run a second pipeline with another "
-                    "PIPELINE_GROUP_ID and other output topics"
-                )
+                raise ConfigError(pipeline_refusal(args.group))
             analytics_group = environ.get("ANALYTICS_GROUP_ID") or "wifi-sink-analytics"
             if args.group == analytics_group:
                 # Its Kafka offsets are for lag monitoring only: the sink resumes from the
@@ -386,7 +429,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             who = f"analytics sink (group {group_id}, positions in its store)"
         else:
             group_id = args.group
-            moves = plan_group(kafka, group_id, topics, target)
+            moves = plan_group(kafka, group_id, topics, target, create=args.create)
             who = f"consumer group {group_id} (offsets in Kafka)"
         print(f"replay {who} to {target.describe()}:")
         _print_moves(moves)
@@ -401,6 +444,9 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             asyncio.run(apply_analytics(url, group_id, moves))
         else:
             apply_group(kafka, group_id, moves)
+    except ConfigError as exc:
+        print(f"wifi-bridge replay: {exc}", file=sys.stderr)
+        return 2
     except (ReplayError, confluent_kafka.KafkaException) as exc:
         message = exc.message if isinstance(exc, ReplayError) else exc.args[0].str()
         print(f"wifi-bridge replay: {message}", file=sys.stderr)

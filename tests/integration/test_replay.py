@@ -196,6 +196,64 @@ def test_the_pipeline_group_and_a_bad_time_are_refused_naming_the_problem(
     assert "--ago must be a duration" in capsys.readouterr().err
 
 
+def group_state(bootstrap: str, group: str) -> confluent_kafka.ConsumerGroupState:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    (future,) = admin.describe_consumer_groups([group]).values()
+    state: confluent_kafka.ConsumerGroupState = future.result(30).state
+    return state
+
+
+async def test_a_group_kafka_does_not_know_is_refused_not_created_unless_asked_to(
+    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic, group = await make_topic(kafka_bootstrap), f"replay-{uuid.uuid4().hex[:8]}"
+    await produce(kafka_bootstrap, topic, [b"x"] * 6, at_ms=int(time.time() * 1000))
+    await asyncio.to_thread(consume_and_commit, kafka_bootstrap, topic, group, 6)
+    mistyped = group + "x"
+
+    for execute in ([], ["--execute"]):
+        code = replay(
+            kafka_bootstrap, "group", mistyped, "--topics", topic, "--to", "beginning", *execute
+        )
+        assert code == 1
+        error = capsys.readouterr().err
+        assert f"group {mistyped} does not exist" in error
+        assert "--create" in error
+    assert committed(kafka_bootstrap, mistyped) == {}
+    assert group_state(kafka_bootstrap, mistyped) is confluent_kafka.ConsumerGroupState.DEAD
+
+    # A group that exists but never read these topics is no more a target than a mistyped one.
+    other = await make_topic(kafka_bootstrap)
+    code = replay(kafka_bootstrap, "group", group, "--topics", other, "--to", "beginning")
+    assert code == 1
+    assert f"group {group} has committed no offsets on {other}" in capsys.readouterr().err
+
+    # On purpose: a new consumer group that is to start at the beginning.
+    code = replay(
+        kafka_bootstrap,
+        "group", mistyped, "--topics", topic, "--to", "beginning", "--execute", "--create",
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert committed(kafka_bootstrap, mistyped) == {0: 0, 1: 0, 2: 0}
+
+
+async def test_a_renamed_pipeline_group_is_refused_by_its_changelog_topic(
+    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic, group = await make_topic(kafka_bootstrap), f"pipeline-eu-{uuid.uuid4().hex[:8]}"
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS)
+    await ensure_topics(kafka, [TopicSpec(f"{group}-changelog")])  # as the pipeline names it
+    await produce(kafka_bootstrap, topic, [b"x"] * 6, at_ms=int(time.time() * 1000))
+    await asyncio.to_thread(consume_and_commit, kafka_bootstrap, topic, group, 6)
+
+    code = replay(
+        kafka_bootstrap, "group", group, "--topics", topic, "--to", "beginning", "--execute"
+    )
+    assert code == 2
+    assert f"{group} is the pipeline's group" in capsys.readouterr().err
+    assert committed(kafka_bootstrap, group) == {0: 2, 1: 2, 2: 2}
+
+
 def login(topic: str, user_id: int, minute: int) -> tuple[str, bytes, bytes]:
     record = canonical(user_id=user_id, minute=minute, visit_id=f"v{user_id}", is_new=minute == 0)
     return topic, str(user_id).encode(), encoded(record)
