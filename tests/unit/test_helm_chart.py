@@ -132,6 +132,18 @@ def test_every_rendered_object_is_valid_for_the_kubernetes_api(variant: str) -> 
         ((*MINIMAL, "--set", "bridge.spool.maxBytes=100"), "bridge.spool.maxBytes must be"),
         ((*MINIMAL, "--set", "bridge.spool.maxBytes=1048575"), "bridge.spool.maxBytes must be"),
         (
+            (*MINIMAL, "--set", "bridge.spool.maxBytes=4294967296"),
+            "bridge.spool.maxBytes (4294967296) must be smaller than bridge.spool.volumeSize (2Gi",
+        ),
+        (
+            (*MINIMAL, "--set", "bridge.spool.volumeSize=500M"),
+            "must be smaller than bridge.spool.volumeSize (500M, 500000000 bytes)",
+        ),
+        (
+            (*MINIMAL, "--set", "kafka.securityProtocol=SASL_SSL"),
+            "kafka.sasl.existingSecret is required with kafka.securityProtocol=SASL_SSL",
+        ),
+        (
             (*MINIMAL, "--set", "kafka.replicationFactor=1"),
             "kafka.minInsyncReplicas (2) cannot exceed kafka.replicationFactor (1)",
         ),
@@ -175,6 +187,8 @@ def test_every_variable_set_is_a_setting_of_the_command_the_container_runs(
 LARGE_NUMBERS = (
     "--set",
     "bridge.spool.maxBytes=4294967296",
+    "--set",
+    "bridge.spool.volumeSize=5Gi",
     "--set",
     "bridge.maxBodyBytes=983040",
     "--set",
@@ -404,6 +418,26 @@ def test_every_alert_has_a_severity_and_a_summary() -> None:
     for alert in alerts:
         assert alert["labels"]["severity"] in {"critical", "warning", "info"}, alert["alert"]
         assert alert["annotations"]["summary"], alert["alert"]
+
+
+@pytest.mark.parametrize(("lateness", "threshold"), [(None, 120 + 900), ("900", 900 + 900)])
+def test_the_stalled_pipeline_alert_waits_beyond_the_lateness_a_caught_up_watermark_rests_at(
+    lateness: str | None, threshold: int
+) -> None:
+    values = ("--set", f"pipeline.env.PIPELINE_LATENESS_S={lateness}") if lateness else ()
+    (rule,) = of_kind(render(*MINIMAL, *MONITORING, *values), "PrometheusRule")
+    (stalled,) = [
+        r
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "WifiPipelineStalled"
+    ]
+    assert stalled["expr"].endswith(f"> {threshold}")
+
+
+@pytest.mark.parametrize("size", ["1.5Gi", "2e9"])
+def test_a_volume_size_spelled_as_a_fraction_or_exponent_is_left_to_kubernetes(size: str) -> None:
+    assert of_kind(render(*MINIMAL, "--set", f"bridge.spool.volumeSize={size}"), "StatefulSet")
 
 
 def test_the_spool_collector_is_exported_without_an_open_spool(tmp_path: Path) -> None:

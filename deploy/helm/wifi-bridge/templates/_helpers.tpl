@@ -37,6 +37,25 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- if gt (int .Values.kafka.minInsyncReplicas) (int .Values.kafka.replicationFactor) -}}
 {{- fail (printf "kafka.minInsyncReplicas (%d) cannot exceed kafka.replicationFactor (%d): set both (a single broker needs 1 and 1)" (int .Values.kafka.minInsyncReplicas) (int .Values.kafka.replicationFactor)) -}}
 {{- end -}}
+{{- if and (hasPrefix "SASL_" .Values.kafka.securityProtocol) (not .Values.kafka.sasl.existingSecret) -}}
+{{- fail (printf "kafka.sasl.existingSecret is required with kafka.securityProtocol=%s: a Secret with the keys username and password" .Values.kafka.securityProtocol) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A Kubernetes quantity ("2Gi", "500M", "1073741824") in bytes; -1 for a spelling it does not
+read (a fraction, an exponent), which the caller then leaves unchecked.
+*/}}
+{{- define "wifi-bridge.quantityBytes" -}}
+{{- $text := toString . -}}
+{{- $digits := regexFind "^[0-9]+" $text -}}
+{{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $unit := trimPrefix $digits $text -}}
+{{- if and $digits (hasKey $units $unit) -}}
+{{- mul (int64 $digits) (get $units $unit) -}}
+{{- else -}}
+-1
+{{- end -}}
 {{- end -}}
 
 {{/* Kafka settings every service reads (KAFKA_*), and the SASL and TLS Secrets. */}}
