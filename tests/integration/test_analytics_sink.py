@@ -8,6 +8,8 @@ the tests' own; the sink reads them with ``read_committed``.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -700,6 +702,61 @@ async def test_a_batch_retried_after_a_store_failure_counts_its_dead_letters_onc
         "wifi_sink_analytics_rejected_records_total", {"reason": "invalid_json"}
     )
     assert rejected == 1, "one record went to the dead-letter topic, once"
+
+
+async def test_the_retry_backoff_doubles_while_the_store_stays_down(
+    kafka_bootstrap: str,
+    topics: Topics,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await produce(kafka_bootstrap, [login_message(topics.visits, u, 0, f"v{u}") for u in range(5)])
+    attempts: list[float] = []
+
+    async def down(self: AnalyticsStore, *args: Any) -> Any:
+        attempts.append(time.monotonic())
+        raise StoreUnavailable("refused")
+
+    # The poll after a rewind comes back empty when the fetch from the rewound position is
+    # not back yet (a fetch for the old position still waiting on the broker): made certain.
+    getmany = AIOKafkaConsumer.getmany
+
+    async def empty_after_a_rewind(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        if len(empty_polls) < len(attempts):  # the first poll since the last failed write
+            empty_polls.append(len(attempts))
+            await asyncio.sleep(kwargs.get("timeout_ms", 0) / 1000)
+            return {}
+        return await getmany(self, *args, **kwargs)
+
+    empty_polls: list[int] = []
+    monkeypatch.setattr(AnalyticsStore, "write", down)
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", empty_after_a_rewind)
+    target = AnalyticsTarget("duckdb", f"duckdb:///{tmp_path / 'a.duckdb'}")
+    settings = AnalyticsSettings.load(
+        None, sink_env(kafka_bootstrap, target, topics, ANALYTICS_METRICS_PORT="0")
+    )
+    caplog.set_level(logging.WARNING, logger=service.__name__)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop=stop, handle_signals=False))
+    try:
+        deadline = time.monotonic() + 20
+        while len(attempts) < 6:
+            assert not task.done(), "the sink stopped by itself"
+            assert time.monotonic() < deadline, f"{len(attempts)} attempts"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+
+    backoffs = [
+        getattr(r, "backoff_s", None)
+        for r in caplog.records
+        if r.getMessage() == "batch not written, retrying"
+    ]
+    assert backoffs[:5] == [0.1, 0.2, 0.4, 0.8, 1.6]
+    gaps_s = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert all(gap >= (wait or 0) for gap, wait in zip(gaps_s, backoffs, strict=False))
 
 
 async def test_a_record_too_large_to_dead_letter_whole_is_cut_to_fit_and_the_sink_goes_on(

@@ -265,12 +265,13 @@ class AnalyticsSink:
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         next_check_s = time.monotonic() + _CLAIM_CHECK_S
         while not self._stop.is_set():
-            healthy = True
+            # Whether a claim or a write was tried, and whether all that was tried worked.
+            tried, healthy = False, True
             if time.monotonic() >= next_check_s:
                 next_check_s = time.monotonic() + _CLAIM_CHECK_S
                 await self._check_claims(consumer)
             if self._unclaimed:
-                healthy = await self._claim(consumer)
+                tried, healthy = True, await self._claim(consumer)
             # Poll even while the database is down: a consumer that stops polling for
             # max.poll.interval.ms is dropped from its group.
             fetched = await consumer.getmany(
@@ -279,12 +280,15 @@ class AnalyticsSink:
             )
             batch = self._assemble(fetched)
             if batch.records:
-                healthy = await self._write(consumer, batch) and healthy
+                tried, healthy = True, await self._write(consumer, batch) and healthy
             self._update_lag(consumer)
-            if healthy:
-                self._backoff_s = _FIRST_BACKOFF_S
-            else:
+            if not healthy:
                 await self._pause()
+            elif tried:
+                # Only a success ends the backoff: a poll that comes back empty (as the one
+                # after a rewind often does, before the fetch from the new position) proves
+                # nothing.
+                self._backoff_s = _FIRST_BACKOFF_S
 
     async def _claim(self, consumer: AIOKafkaConsumer) -> bool:
         """Claim every unclaimed partition, seek to its stored position; False on failure."""
