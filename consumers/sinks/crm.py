@@ -25,7 +25,7 @@ import random
 import signal
 import sqlite3
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -171,8 +171,13 @@ class Batch:
     whose next record must wait for the batch to end is ``blocked``.
     """
 
-    records: list[Record]
+    records: dict[int, Record]
+    """The records it holds, by ``ref`` (the order they were read in). A record read while
+    the batch grew that is a login needing nothing more (skipped) is not held: a long
+    outage must not fill memory with them."""
     next_offsets: dict[TopicPartition, int]
+    read: int = 0
+    """Records read into the batch, held or not; the ``ref`` of the next one."""
     dead_lettered: set[str] = field(default_factory=set)
     """Sources (``topic/partition/offset``) of records already in the dead-letter topic, so
     a batch handled again after a failure of the state file does not publish them twice."""
@@ -181,7 +186,7 @@ class Batch:
     def first_offsets(self) -> dict[str, int]:
         """``topic/partition`` -> the batch's first offset there (for logs)."""
         first: dict[str, int] = {}
-        for record in self.records:
+        for record in self.records.values():
             first.setdefault(f"{record.topic}/{record.partition}", record.offset)
         return first
 
@@ -207,7 +212,15 @@ class Delivery:
 #: dead-lettered (``dlq-reason``): it may succeed once the CRM is fixed, unlike a rejection.
 SERVER_ERROR_REASON = "crm_server_error"
 
-Grow: TypeAlias = Callable[[dict[TopicPartition, list[Record]]], bool]
+
+@dataclass(frozen=True, slots=True)
+class Growth:
+    """How a batch whose every waiting request fails may take the records read after it."""
+
+    room: Callable[[], int]
+    """How many more records it may read now."""
+    take: Callable[[dict[TopicPartition, list[Record]]], bool]
+    """Adds records read; True when they give requests to send."""
 
 
 class CrmSink:
@@ -257,8 +270,9 @@ class CrmSink:
         records = [record for batch in batches.values() for record in batch]
         if records:
             batch = Batch(
-                records=records,
+                records=dict(enumerate(records)),
                 next_offsets={tp: batch[-1].offset + 1 for tp, batch in batches.items()},
+                read=len(records),
             )
             for record in records:
                 self._metrics.records.labels(topic=record.topic).inc()
@@ -308,7 +322,7 @@ class CrmSink:
         """
         self._save_marks([])
         dead: list[DeadLetter] = []
-        logins = self._read(batch.records, dead, first_ref=0)
+        logins = self._read(batch.records.items(), dead)
         known = self._store.marks(login.user_key for login in logins)
         plan = plan_upserts(logins, known, min_interval_ms=self._settings.min_interval_ms)
         skipped = Counter(plan.skipped)
@@ -319,21 +333,33 @@ class CrmSink:
             max_attempts=self._settings.record_max_attempts,
         )
 
+        def room() -> int:
+            """Records the batch may still read: it holds at most ``CRM_MAX_POLL_RECORDS``
+            unsettled ones (contacts waiting, letters to publish). Settled records do not
+            count: a batch full of logins already dealt with must still read on, or a lone
+            contact the CRM fails on could never be shown to be at fault."""
+            return self._settings.max_poll_records - sum(1 for _ in queue.items()) - len(dead)
+
         def grow(got: dict[TopicPartition, list[Record]]) -> bool:
             """Records read after the batch join it; True when they give requests to send."""
-            first_ref = len(batch.records)
-            records = self._take(batch, got, list(queue.items()))
-            more_logins = self._read(records, dead, first_ref=first_ref)
+            taken = self._take(batch, got, list(queue.items()))
+            more_logins = self._read(taken, dead)
             more_known = self._store.marks(login.user_key for login in more_logins)
             known.update(more_known)
             more = plan_upserts(
                 more_logins, more_known, min_interval_ms=self._settings.min_interval_ms
             )
             skipped.update(more.skipped)
+            # A skipped login needs nothing more; an unreadable record stays held until it
+            # is in the dead-letter topic (a batch handled again must still publish it).
+            sent = {upsert.login.ref for upsert in more.upserts}
+            for login in more_logins:
+                if login.ref not in sent:
+                    del batch.records[login.ref]
             queue.add(more.upserts)
             return bool(more.upserts)
 
-        delivery = await self._deliver(queue, known, grow)
+        delivery = await self._deliver(queue, known, Growth(room, grow))
         if not delivery.complete:
             return False
         records = batch.records
@@ -350,23 +376,25 @@ class CrmSink:
         log.info(
             "batch synced",
             extra={
-                "records": len(records),
+                "records": batch.read,
                 "upserted": len(delivery.accepted),
                 "rejected": len(delivery.refused),
                 "unreadable": sum(1 for d in dead if d.reason == "unreadable"),
                 "skipped": sum(skipped.values()),
-                "offsets": {f"{r.topic}/{r.partition}": r.offset for r in records[-1:]},
+                "offsets": {
+                    f"{tp.topic}/{tp.partition}": n - 1 for tp, n in batch.next_offsets.items()
+                },
             },
         )
         return True
 
     @staticmethod
-    def _read(records: Sequence[Record], dead: list[DeadLetter], *, first_ref: int) -> list[Login]:
-        """The logins of ``records`` (``ref``: index in the batch); the others join ``dead``."""
+    def _read(records: Iterable[tuple[int, Record]], dead: list[DeadLetter]) -> list[Login]:
+        """The logins of ``(ref, record)`` pairs; the records that hold none join ``dead``."""
         logins: list[Login] = []
-        for index, record in enumerate(records, start=first_ref):
+        for ref, record in records:
             try:
-                logins.append(login_from_record(_json_object(record), ref=index))
+                logins.append(login_from_record(_json_object(record), ref=ref))
             except (orjson.JSONDecodeError, UnreadableRecord) as exc:
                 detail = str(exc) if isinstance(exc, UnreadableRecord) else "not JSON"
                 dead.append(DeadLetter(record, "unreadable", detail))
@@ -374,8 +402,8 @@ class CrmSink:
 
     def _take(
         self, batch: Batch, got: dict[TopicPartition, list[Record]], waiting: Sequence[Upsert]
-    ) -> list[Record]:
-        """The records of ``got`` that join ``batch``, which keeps them.
+    ) -> list[tuple[int, Record]]:
+        """The records of ``got`` that join ``batch`` (with their ``ref``), which holds them.
 
         On each partition they stop before the first login of a user, or an address, whose
         contact still waits in the batch: that login must not overtake it (nor be planned
@@ -384,17 +412,18 @@ class CrmSink:
         """
         users = {key for upsert in waiting for key, _ in upsert.users}
         addresses = {upsert.contact.email for upsert in waiting}
-        taken: list[Record] = []
+        taken: list[tuple[int, Record]] = []
         for tp, records in got.items():
             for record in records:
                 if _concerns(record, users, addresses):
                     self._consumer.seek(tp, record.offset)
                     batch.blocked.add(tp)
                     break
-                taken.append(record)
+                taken.append((batch.read, record))
+                batch.records[batch.read] = record
+                batch.read += 1
                 batch.next_offsets[tp] = record.offset + 1
                 self._metrics.records.labels(topic=record.topic).inc()
-        batch.records += taken
         return taken
 
     def _save_marks(self, marks: Sequence[SyncMark]) -> None:
@@ -409,7 +438,7 @@ class CrmSink:
             self._unsaved_marks = []
 
     async def _deliver(
-        self, queue: RequestQueue[Upsert], known: Mapping[str, SyncMark], grow: Grow
+        self, queue: RequestQueue[Upsert], known: Mapping[str, SyncMark], grow: Growth
     ) -> Delivery:
         """Every upsert accepted or refused for good (``complete``), unless stopped first.
 
@@ -594,12 +623,12 @@ class CrmSink:
         headers += [(k, v) for k, v in record.headers if k == "event-id"][:1]
         return headers
 
-    async def _wait(self, wait_s: float, *, grow: Grow | None = None) -> bool:
+    async def _wait(self, wait_s: float, *, grow: Growth | None = None) -> bool:
         """Sleep ``wait_s`` while polling with every partition paused (to stay in the group).
 
         With ``grow``, the partitions the batch may grow on (all assigned but the blocked
-        ones) are read on while it holds fewer than ``CRM_MAX_POLL_RECORDS`` records, and what
-        they give is handed to ``grow``; the wait ends early once that gives requests to send.
+        ones) are read on while it has room, and what they give is handed to ``grow``; the
+        wait ends early once that gives requests to send.
 
         False when the sink is stopping, or when a rebalance took every partition of the
         batch away (its new owner re-reads it from the last commit).
@@ -618,7 +647,7 @@ class CrmSink:
             room = 0
             readable: set[TopicPartition] = set()
             if grow is not None and batch is not None:
-                room = self._settings.max_poll_records - len(batch.records)
+                room = grow.room()
                 readable = assigned - batch.blocked if room > 0 else set()
             self._consumer.pause(*(assigned - readable))
             self._consumer.resume(*readable)
@@ -634,7 +663,7 @@ class CrmSink:
                     fresh[tp] = records
                 else:  # a partition assigned since the last pause
                     self._consumer.seek(tp, records[0].offset)
-            if fresh and grow is not None and grow(fresh):
+            if fresh and grow is not None and grow.take(fresh):
                 return True
         return False
 

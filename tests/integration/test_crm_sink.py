@@ -631,6 +631,34 @@ async def test_a_lone_contact_the_crm_answers_500_for_does_not_hold_back_later_l
     assert set(fake.upserts.values()) == {1}
 
 
+async def test_a_contact_the_crm_answers_500_for_in_a_full_batch_does_not_hold_back_later_logins(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # The batch already holds CRM_MAX_POLL_RECORDS records, all but the failing contact
+    # settled (no e-mail address): it must still read on, or nothing could ever show the CRM
+    # up and the sink would retry that contact for ever.
+    alone = canonical_login(email="full@example.com")
+    settled_already = [canonical_login(email=None) for _ in range(4)]
+    fake = await hubspot_server(crash={"full@example.com"})
+    await produce_logins(
+        kafka_bootstrap, crm_topics.visits, [alone, *settled_already], partitions=1
+    )
+    sink = await crm_sink.start(
+        **hubspot_env(fake, CRM_MAX_POLL_RECORDS="5", CRM_RECORD_MAX_ATTEMPTS="2")
+    )
+    await eventually(lambda: fake.statuses[500] >= 3, what="the contact retried alone")
+
+    later = logins_of(3, prefix="behindfull")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, later, partitions=1)
+    await eventually(lambda: fake.synced == emails(later), what="the later logins synced")
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=1, settle_s=1.0)
+    assert [orjson.loads(letter.value)["user"]["email"] for letter in dead] == [
+        alone["user"]["email"]
+    ]
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert await sink.metric("wifi_crm_skipped_records_total", reason="no_email") == 4
+
+
 async def test_a_crm_answering_500_to_every_request_dead_letters_nothing(
     kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
 ) -> None:
