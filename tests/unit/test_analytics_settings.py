@@ -68,6 +68,11 @@ def test_bad_setting_error_names_the_setting_and_hides_passwords(
     assert "hunter2" not in str(caught.value)
 
 
+def test_a_topic_named_twice_is_read_once_in_the_order_given() -> None:
+    settings = load(ANALYTICS_TOPICS="wifi.auth.visits, wifi.auth.late,wifi.auth.visits")
+    assert settings.topics == ("wifi.auth.visits", "wifi.auth.late")
+
+
 def test_flag_wins_over_environment() -> None:
     args = build_parser().parse_args(["sink", "analytics", "--analytics-group-id", "replay-1"])
     settings = AnalyticsSettings.load(args, {"ANALYTICS_GROUP_ID": "from-env"})

@@ -126,8 +126,12 @@ class AnalyticsSettings:
 
     @classmethod
     def from_values(cls, values: config.Values) -> AnalyticsSettings:
+        # A name given twice is read once (in the order first given): twice, the sink asked
+        # Kafka to create it twice, was refused, and waited for Kafka for ever.
         topics = tuple(
-            t.strip() for t in config.text(values, "ANALYTICS_TOPICS").split(",") if t.strip()
+            dict.fromkeys(
+                t.strip() for t in config.text(values, "ANALYTICS_TOPICS").split(",") if t.strip()
+            )
         )
         if not topics:
             raise ConfigError("ANALYTICS_TOPICS: name at least one topic")
