@@ -51,6 +51,7 @@ from bridge import config
 from bridge.errors import ConfigError, WifiBridgeError
 from bridge.rdkafka import client_config
 from bridge.settings import KAFKA_OPTIONS, KafkaSettings
+from consumers.sinks.analytics.settings import AnalyticsSettings
 
 if TYPE_CHECKING:
     from consumers.sinks.analytics.store import AnalyticsStore
@@ -58,8 +59,6 @@ if TYPE_CHECKING:
 __all__ = ["ReplayError", "Target", "add_arguments", "parse_target", "run"]
 
 _KAFKA_TIMEOUT_S = 30.0
-_DEFAULT_ANALYTICS_URL = "duckdb:///.data/analytics.duckdb"
-_DEFAULT_TOPICS = "wifi.auth.visits,wifi.auth.late"
 _DURATION = re.compile(r"(\d+)\s*([smhd])")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 # The store may be held by the analytics sink for a batch (DuckDB: one process at a time).
@@ -339,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``wifi-bridge replay``."""
     kinds = parser.add_subparsers(dest="replay", required=True, metavar="CONSUMER")
 
-    def common(command: argparse.ArgumentParser, topics_default: str | None) -> None:
+    def common(command: argparse.ArgumentParser, topics_help: str | None) -> None:
         where = command.add_mutually_exclusive_group(required=True)
         where.add_argument(
             "--to", help="beginning, end, or a time with its offset (2026-11-30T18:00:00Z)"
@@ -347,10 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         where.add_argument("--ago", help="a duration back from now: 3h, 90m, 2d")
         command.add_argument(
             "--topics",
-            default=topics_default,
-            required=topics_default is None,
-            help="topics to move, comma-separated"
-            + (f" (default {topics_default})" if topics_default else ""),
+            default=None,
+            required=topics_help is None,
+            help="topics to move, comma-separated" + (f" {topics_help}" if topics_help else ""),
         )
         command.add_argument(
             "--execute", action="store_true", help="make the move (without it: only show it)"
@@ -373,7 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--analytics-url",
         default=None,
         metavar="ANALYTICS_URL",
-        help=f"the sink's store [env ANALYTICS_URL, default {_DEFAULT_ANALYTICS_URL!r}]",
+        help="the sink's store [env ANALYTICS_URL, default 'duckdb:///.data/analytics.duckdb']",
     )
     analytics.add_argument(
         "--group",
@@ -381,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ANALYTICS_GROUP_ID",
         help="the sink's consumer group [env ANALYTICS_GROUP_ID, default wifi-sink-analytics]",
     )
-    common(analytics, _DEFAULT_TOPICS)
+    common(analytics, "[env ANALYTICS_TOPICS, default 'wifi.auth.visits,wifi.auth.late']")
     group = kinds.add_parser(
         "group",
         help="move a consumer group's committed offsets (its consumers stopped)",
@@ -400,12 +398,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """``wifi-bridge replay``: 0 when done (or shown), 1 when it cannot be done, 2 bad usage."""
     try:
-        kafka = KafkaSettings.from_values(config.resolve(KAFKA_OPTIONS, args, environ))
         target = parse_target(args.to, args.ago, now_ms=int(time.time() * 1000))
-        topics = [t.strip() for t in args.topics.split(",") if t.strip()]
-        if not topics:
-            raise ConfigError("--topics must name at least one topic")
-        if args.replay == "group":
+        if args.replay == "analytics":
+            # The sink's own settings: the topics, store and group it reads with, from the same
+            # environment (ANALYTICS_TOPICS, ...), each flag of this command winning.
+            sink = _analytics_settings(args, environ)
+            kafka, topics = sink.kafka, list(sink.topics)
+            url, group_id = sink.store.url, sink.group_id
+        else:
+            url, group_id = "", args.group
+            kafka = KafkaSettings.from_values(config.resolve(KAFKA_OPTIONS, args, environ))
+            topics = [t.strip() for t in args.topics.split(",") if t.strip()]
+            if not topics:
+                raise ConfigError("--topics must name at least one topic")
             pipeline_group = environ.get("PIPELINE_GROUP_ID") or "wifi-pipeline"
             if args.group == pipeline_group:
                 raise ConfigError(pipeline_refusal(args.group))
@@ -423,12 +428,9 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return 2
     try:
         if args.replay == "analytics":
-            url = args.analytics_url or environ.get("ANALYTICS_URL") or _DEFAULT_ANALYTICS_URL
-            group_id = args.group or environ.get("ANALYTICS_GROUP_ID") or "wifi-sink-analytics"
             moves = asyncio.run(plan_analytics(kafka, url, group_id, topics, target))
             who = f"analytics sink (group {group_id}, positions in its store)"
         else:
-            group_id = args.group
             moves = plan_group(kafka, group_id, topics, target, create=args.create)
             who = f"consumer group {group_id} (offsets in Kafka)"
         print(f"replay {who} to {target.describe()}:")
@@ -453,6 +455,12 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return 1
     print(f"moved {len(moves)} partitions")
     return 0
+
+
+def _analytics_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> AnalyticsSettings:
+    flags = argparse.Namespace(**vars(args))
+    flags.analytics_group_id, flags.analytics_topics = args.group, args.topics
+    return AnalyticsSettings.load(flags, environ)
 
 
 def _print_moves(moves: Sequence[Move]) -> None:

@@ -385,3 +385,37 @@ async def test_analytics_positions_move_to_a_time_and_show_before_they_move(
         "SELECT partition, epoch FROM sink_offsets WHERE consumer_group = $1 ORDER BY 1", group
     )
     assert epochs == [(p, 2) for p in range(PARTITIONS)]  # claimed once, then fenced
+
+
+async def test_analytics_replay_moves_the_topics_the_sink_reads_from_its_environment(
+    kafka_bootstrap: str,
+    analytics_target: AnalyticsTarget,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As in the sink's pod: ANALYTICS_TOPICS (the chart sets it), ANALYTICS_URL and
+    # ANALYTICS_GROUP_ID in the environment, no flags.
+    visits, late = await make_topic(kafka_bootstrap), await make_topic(kafka_bootstrap)
+    await produce(kafka_bootstrap, visits, [b"{}"] * 6, at_ms=int(time.time() * 1000))
+    group = f"sink-replay-{uuid.uuid4().hex[:8]}"
+    store = analytics_target.store(group_id=group)
+    await store.claim(visits, range(PARTITIONS))
+    await store.claim(late, range(PARTITIONS))
+    await store.move({(visits, p): 2 for p in range(PARTITIONS)})  # read to the end
+    await analytics_target.close()
+    monkeypatch.setenv("ANALYTICS_TOPICS", f"{visits},{late}")
+    monkeypatch.setenv("ANALYTICS_URL", analytics_target.url)
+    monkeypatch.setenv("ANALYTICS_GROUP_ID", group)
+
+    code = await asyncio.to_thread(
+        replay, kafka_bootstrap, "analytics", "--to", "beginning", "--execute"
+    )
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"group {group}" in out
+    assert out.count(visits) == PARTITIONS
+    assert out.count(late) == PARTITIONS
+    assert "6 records to read again" in out
+    store = analytics_target.store(group_id=group)
+    moved = await store.positions([visits, late])
+    assert moved == {(t, p): None for t in (visits, late) for p in range(PARTITIONS)}
