@@ -620,7 +620,8 @@ class CrmSink:
         ]
         if letter.status is not None:
             headers.append(("crm-status", str(letter.status).encode()))
-        headers += [(k, v) for k, v in record.headers if k == "event-id"][:1]
+        # Kafka allows a header without a value; such an event id is no id to keep.
+        headers += [(k, v) for k, v in record.headers if k == "event-id" and v is not None][:1]
         return headers
 
     async def _wait(self, wait_s: float, *, grow: Growth | None = None) -> bool:

@@ -425,6 +425,30 @@ async def test_sigterm_during_a_crm_outage_exits_0_and_a_successor_syncs_everyth
     assert set(fake.upserts.values()) == {1}
 
 
+async def test_an_unreadable_record_with_an_empty_event_id_header_is_dead_lettered_without_it(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner
+) -> None:
+    # Kafka allows a header without a value: copied as it is, it broke the letter's encoding
+    # and the sink crashed on it at every start.
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic_partitions=1)
+    await ensure_topics(kafka, [TopicSpec(crm_topics.visits)])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            crm_topics.visits, key=b"k", value=b"not json", headers=[("event-id", None)]
+        )
+    finally:
+        await producer.stop()
+    sink = await crm_sink.start()
+    dead = await consume(kafka_bootstrap, crm_topics.dlq, count=1)
+    assert [letter.value for letter in dead] == [b"not json"]
+    headers = dict(dead[0].headers)
+    assert headers["dlq-reason"] == b"unreadable"
+    assert "event-id" not in headers
+    await committed(kafka_bootstrap, sink, crm_topics)
+
+
 PRODUCER_MAX_BYTES = 1_048_576  # aiokafka's default max_request_size, the sink's default too
 
 
