@@ -48,6 +48,9 @@ def test_analytics_url_selects_the_store(url: str, kind: str, path: Path | None)
         ({"ANALYTICS_URL": "mysql://root:hunter2@db/x"}, "ANALYTICS_URL"),
         ({"ANALYTICS_URL": "analytics.duckdb"}, "ANALYTICS_URL"),
         ({"ANALYTICS_URL": "duckdb://relative.duckdb"}, "ANALYTICS_URL"),
+        # In memory, everything written would be lost at exit, and unreadable to the report.
+        ({"ANALYTICS_URL": "duckdb:///:memory:"}, "ANALYTICS_URL"),
+        ({"ANALYTICS_URL": "duckdb:///:MEMORY:analytics"}, "ANALYTICS_URL"),
         ({"ANALYTICS_URL": "postgresql://u:hunter2@db:port/x"}, "ANALYTICS_URL"),
         ({"ANALYTICS_TOPICS": " , "}, "ANALYTICS_TOPICS"),
         ({"ANALYTICS_TOPIC_DLQ": "wifi.auth.late"}, "ANALYTICS_TOPIC_DLQ"),

@@ -21,7 +21,9 @@ ANALYTICS_OPTIONS: tuple[Option, ...] = (
         "ANALYTICS_URL",
         "duckdb:///.data/analytics.duckdb",
         "where the tables live: postgresql://user@host:5432/db (password: PGPASSWORD or "
-        "~/.pgpass) or duckdb:///relative/path.duckdb (duckdb:////absolute/path.duckdb)",
+        "~/.pgpass) or "
+        "duckdb:///relative/path.duckdb (duckdb:////absolute/path.duckdb; not :memory:, "
+        "whose rows would go with the process)",
     ),
     Option(
         "ANALYTICS_TOPICS",
@@ -96,6 +98,13 @@ def parse_store_url(raw: str) -> StoreUrl:
         path = raw[len("duckdb:///") :]
         if not path:
             raise ConfigError("ANALYTICS_URL: the duckdb:/// URL names no file")
+        if path.lower().startswith(":memory:"):
+            # DuckDB's private in-memory database: every row would be lost when the process
+            # ends, and no other process (wifi-bridge report, replay) could read it.
+            raise ConfigError(
+                "ANALYTICS_URL: duckdb:///:memory: keeps nothing once the sink stops and no "
+                "other process can read it; name a file (duckdb:///path/to/file.duckdb)"
+            )
         return StoreUrl("duckdb", raw, Path(path))
     shown = f"scheme {scheme!r}" if scheme else "no scheme"
     raise ConfigError(
