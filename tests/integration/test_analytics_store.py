@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import date
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from consumers.sinks.analytics.rows import LOGIN_COLUMNS, Login, dedupe, parse_login
@@ -16,6 +18,7 @@ from tests.fixtures.analytics import (
     snapshot,
 )
 from tests.fixtures.logins import canonical, encoded
+from tests.fixtures.postgres import create_database, drop_database
 
 TOPIC = "wifi.auth.visits"
 
@@ -238,3 +241,29 @@ async def test_a_schema_1_store_keeps_its_figures_when_migrated(
     day = date(2026, 11, 29)
     assert tables["venue_daily"] == [("4242", day, 4, 2, 3), ("7", day, 1, 1, 1)]
     await assert_aggregates_match_logins(analytics_target.port())
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("via", ["unix socket", "tcp"])
+async def test_a_postgresql_url_without_a_host_reaches_the_server_pghost_names(
+    postgres_server: str, monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    url = await create_database(postgres_server)
+    try:
+        server = urlsplit(postgres_server)
+        admin = await asyncpg.connect(postgres_server)
+        try:
+            socket_dir = str(await admin.fetchval("SHOW unix_socket_directories")).split(",")[0]
+        finally:
+            await admin.close()
+        monkeypatch.setenv("PGHOST", socket_dir.strip() if via == "unix socket" else "127.0.0.1")
+        monkeypatch.setenv("PGPORT", str(server.port))
+        monkeypatch.setenv("PGUSER", server.username or "postgres")
+        target = AnalyticsTarget("postgresql", f"postgresql:///{url.rpartition('/')[2]}")
+        store = target.store()
+        (claim,) = await store.claim(TOPIC, [0])
+        await store.write(known_stream(), [Position(TOPIC, 0, claim.epoch, 7)])
+        assert await fetch_one(target.port(), "SELECT count(*) FROM logins") == 6
+        await target.close()
+    finally:
+        await drop_database(postgres_server, url)

@@ -33,6 +33,9 @@ def test_defaults_need_nothing_running_but_kafka() -> None:
     [
         ("postgresql://sink@db.internal:5432/analytics", "postgresql", None),
         ("postgres://sink@db/analytics", "postgresql", None),
+        # No host: PGHOST, else the local Unix socket, as libpq does.
+        ("postgresql:///analytics", "postgresql", None),
+        ("postgresql://sink@/analytics", "postgresql", None),
         ("duckdb:///data/a.duckdb", "duckdb", Path("data/a.duckdb")),
         ("duckdb:////var/lib/a.duckdb", "duckdb", Path("/var/lib/a.duckdb")),
     ],

@@ -21,7 +21,7 @@ ANALYTICS_OPTIONS: tuple[Option, ...] = (
         "ANALYTICS_URL",
         "duckdb:///.data/analytics.duckdb",
         "where the tables live: postgresql://user@host:5432/db (password: PGPASSWORD or "
-        "~/.pgpass) or "
+        "~/.pgpass; without a host, PGHOST or the local Unix socket) or "
         "duckdb:///relative/path.duckdb (duckdb:////absolute/path.duckdb; not :memory:, "
         "whose rows would go with the process)",
     ),
@@ -87,8 +87,8 @@ def parse_store_url(raw: str) -> StoreUrl:
             parts.port  # noqa: B018 (validates the port)
         except ValueError:
             raise ConfigError("ANALYTICS_URL: the postgresql:// URL has a bad port") from None
-        if not parts.hostname and "host=" not in parts.query:
-            raise ConfigError("ANALYTICS_URL: the postgresql:// URL names no host")
+        # Without a host (postgresql:///db), asyncpg connects as libpq does: to PGHOST, else
+        # to the local Unix socket.
         return StoreUrl("postgresql", raw)
     if scheme == "duckdb":
         if not raw.lower().startswith("duckdb:///"):
