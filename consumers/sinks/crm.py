@@ -454,6 +454,11 @@ class CrmSink:
         record_attempts: Counter[str] = Counter()
         outage_attempt = 0
         while queue:
+            if self._stop.is_set():
+                # Between requests: what the CRM answered is marked, the rest is read again
+                # from the last commit by the next start.
+                delivery.complete = False
+                return delivery
             request = queue.pop()
             part = request.items
             try:

@@ -449,6 +449,31 @@ async def test_an_unreadable_record_with_an_empty_event_id_header_is_dead_letter
     await committed(kafka_bootstrap, sink, crm_topics)
 
 
+async def test_a_stop_ends_the_batch_between_requests_and_a_successor_syncs_the_rest_once(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server(delay_s=1.0)
+    records = logins_of(8, prefix="slowcrm")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records, partitions=1)
+    env = hubspot_env(fake, CRM_BATCH_SIZE="1")
+    first = await crm_sink.start(**env)
+    await eventually(lambda: len(fake.batch_sizes) >= 1, what="first request answered")
+    started = time.monotonic()
+    await crm_sink.stop(first)
+    took_s = time.monotonic() - started
+    # at most the request in flight (1 s) is waited for, not the six or so still to send
+    assert took_s < 4, f"the stop took {took_s:.1f} s"
+    answered = len(fake.batch_sizes)
+    assert answered < len(records)
+    group = first.env["CRM_GROUP_ID"]
+    assert await uncommitted_records(kafka_bootstrap, group, [crm_topics.visits]) == len(records)
+
+    second = await crm_sink.start(**{**env, "CRM_GROUP_ID": group})
+    await eventually(lambda: fake.synced == emails(records), what="the rest synced")
+    await committed(kafka_bootstrap, second, crm_topics)
+    assert set(fake.upserts.values()) == {1}, "a contact accepted before the stop was sent again"
+
+
 PRODUCER_MAX_BYTES = 1_048_576  # aiokafka's default max_request_size, the sink's default too
 
 
