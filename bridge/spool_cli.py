@@ -2,12 +2,15 @@
 
 ``drain`` is for a spool left behind (the volume of a pod that is gone, a host being retired):
 it publishes every record to the topic it was meant for, oldest first, with the same producer
-settings as the bridge, and acknowledges each only after Kafka did. It refuses a directory a
-running bridge holds (the spool's lock).
+settings as the bridge, and acknowledges each only after Kafka did. A batch of records is in
+flight at once, as in the bridge's drainer; a batch Kafka refuses is sent again one record at a
+time, so only the record at fault is set aside. It refuses a directory a running bridge holds
+(the spool's lock), before it connects to Kafka.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -16,19 +19,23 @@ from typing import TextIO
 from bridge.errors import BatchRefused, PublishError, RecordRefused, WifiBridgeError
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.metrics import BridgeMetrics
+from bridge.publisher import Publisher
 from bridge.rdkafka import RdKafkaPublisher
 from bridge.settings import KafkaSettings
-from bridge.spool import Spool, SpoolStats, read_stats
+from bridge.spool import Spool, SpooledEntry, SpoolStats, SpoolUnavailable, read_stats
 
 _PROGRESS_EVERY_S = 1.0
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(max(0, int(seconds)), 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
 
 
 def _age(stats: SpoolStats) -> str:
     if stats.oldest_spooled_at_ms is None:
         return "-"
-    seconds = max(0, int(time.time() - stats.oldest_spooled_at_ms / 1000))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
+    return _duration(time.time() - stats.oldest_spooled_at_ms / 1000)
 
 
 def status(directory: Path, out: TextIO = sys.stdout) -> int:
@@ -53,64 +60,119 @@ async def drain(
     batch_records: int = 500,
     timeout_s: float = 30.0,
     out: TextIO = sys.stderr,
+    publisher: Publisher | None = None,
 ) -> int:
-    """Publish every spooled record; 0 when the spool is empty, 1 if Kafka failed us."""
-    total = read_stats(directory).records
-    out.write(f"draining {total} records from {directory} to {kafka.bootstrap_servers}\n")
-    publisher = RdKafkaPublisher(settings=kafka, metrics=BridgeMetrics())
-    try:
-        await publisher.start()
-    except WifiBridgeError as exc:
-        out.write(f"cannot reach Kafka: {exc}\n")
-        return 1
+    """Publish every spooled record; 0 when the spool is empty, 1 if Kafka failed us.
+
+    ``batch_records`` (default 500) records are in flight at once, each waited for at most
+    ``timeout_s`` (default 30); ``publisher`` (default: the bridge's librdkafka producer on
+    ``kafka``) is started and stopped here.
+    """
+    if not await asyncio.to_thread(directory.is_dir):  # the spool would create it
+        raise SpoolUnavailable(f"cannot read spool {directory}: no such directory")
+    # The spool first: a directory a running bridge holds is refused before Kafka is tried.
+    async with Spool(directory=directory) as spool:
+        total = spool.stats().records
+        out.write(f"draining {total} records from {directory} to {kafka.bootstrap_servers}\n")
+        if publisher is None:
+            publisher = RdKafkaPublisher(settings=kafka, metrics=BridgeMetrics())
+        try:
+            await publisher.start()
+        except WifiBridgeError as exc:
+            out.write(f"cannot reach Kafka: {exc}\n")
+            return 1
+        try:
+            return await _drain(spool, publisher, kafka, total, batch_records, timeout_s, out)
+        finally:
+            await publisher.stop()
+
+
+async def _drain(
+    spool: Spool,
+    publisher: Publisher,
+    kafka: KafkaSettings,
+    total: int,
+    batch_records: int,
+    timeout_s: float,
+    out: TextIO,
+) -> int:
     drained = refused = 0
     known_topics: set[str] = set()
     started = last_report = time.monotonic()
     try:
-        async with Spool(directory=directory) as spool:
-            async for entries in spool.iter_batches(max_records=batch_records):
-                new_topics = {e.record.topic for e in entries} - known_topics
-                if new_topics:  # as the bridge would have (KAFKA_CREATE_TOPICS)
-                    await ensure_topics(kafka, [TopicSpec(t) for t in sorted(new_topics)])
-                    known_topics |= new_topics
-                delivered = []
-                for entry in entries:
-                    record = entry.record
-                    try:
-                        # One at a time: a refused batch held only this record.
-                        await publisher.publish(
-                            record.topic,
-                            key=record.key or b"",
-                            value=record.value,
-                            headers=list(record.headers),
-                            timeout_s=timeout_s,
-                        )
-                    except (RecordRefused, BatchRefused) as exc:
-                        refusal = exc.refusal if isinstance(exc, BatchRefused) else exc
-                        saved_as = await spool.set_aside(entry, reason=refusal.code)
-                        refused += 1
-                        out.write(
-                            f"  Kafka refuses a record for good ({refusal.message}); "
-                            f"set aside as {saved_as or '(copy failed)'}\n"
-                        )
-                        continue
-                    delivered.append(entry)
-                await spool.acknowledge(delivered)
-                drained += len(delivered)
-                now = time.monotonic()
-                if now - last_report >= _PROGRESS_EVERY_S:
-                    rate = drained / (now - started)
-                    out.write(f"  drained {drained}/{total} records ({rate:.0f}/s)\n")
-                    last_report = now
-            left = spool.stats()
+        async for entries in spool.iter_batches(max_records=batch_records):
+            new_topics = {e.record.topic for e in entries} - known_topics
+            if new_topics:  # as the bridge would have (KAFKA_CREATE_TOPICS)
+                await ensure_topics(kafka, [TopicSpec(t) for t in sorted(new_topics)])
+                known_topics |= new_topics
+            results = await _publish_batch(publisher, entries, timeout_s)
+            delivered = [e for e, result in zip(entries, results, strict=True) if result is None]
+            await spool.acknowledge(delivered)
+            drained += len(delivered)
+            for entry, result in zip(entries, results, strict=True):
+                if isinstance(result, RecordRefused):
+                    saved_as = await spool.set_aside(entry, reason=result.code)
+                    refused += 1
+                    out.write(
+                        f"  Kafka refuses a record for good ({result.message}); "
+                        f"set aside as {saved_as or '(copy failed)'}\n"
+                    )
+                elif result is not None:
+                    raise result  # it and what follows stay in the spool for the next run
+            now = time.monotonic()
+            if now - last_report >= _PROGRESS_EVERY_S:
+                out.write(f"  {_progress(drained, total - refused, now - started)}\n")
+                last_report = now
     except PublishError as exc:
         out.write(f"stopped after {drained} records: {exc}; run drain again to resume\n")
         return 1
-    finally:
-        await publisher.stop()
-    elapsed = time.monotonic() - started
+    left = spool.stats()
+    elapsed_s = time.monotonic() - started
     out.write(
-        f"drained {drained} records in {elapsed:.1f} s; {left.records} left, "
-        f"{left.corrupt_records} corrupt and {refused} refused set aside\n"
+        f"drained {drained} records in {elapsed_s:.1f} s ({drained / max(elapsed_s, 1e-3):.0f}/s); "
+        f"{left.records} left, {left.corrupt_records} corrupt and {refused} refused set aside\n"
     )
     return 0
+
+
+def _progress(drained: int, total: int, elapsed_s: float) -> str:
+    """``drained 1500/9000 records (750/s, about 0h00m10s left)``."""
+    rate = drained / elapsed_s if elapsed_s > 0 else 0.0
+    left = f"about {_duration(max(0, total - drained) / rate)} left" if rate > 0 else "waiting"
+    return f"drained {drained}/{total} records ({rate:.0f}/s, {left})"
+
+
+async def _publish_batch(
+    publisher: Publisher, entries: list[SpooledEntry], timeout_s: float
+) -> list[BaseException | None]:
+    """Publish ``entries`` all at once; for each, None when Kafka acknowledged it, else why not.
+
+    A refused batch held the record at fault and maybe others that only shared it: sent alone,
+    in order and with nothing else of the drain in flight, each record tells (as in the
+    bridge's drainer; they may then reach Kafka after records read later than them).
+    """
+
+    async def send(entry: SpooledEntry) -> None:
+        record = entry.record
+        await publisher.publish(
+            record.topic,
+            key=record.key or b"",
+            value=record.value,
+            headers=list(record.headers),
+            timeout_s=timeout_s,
+        )
+
+    results: list[BaseException | None] = list(
+        await asyncio.gather(*(send(e) for e in entries), return_exceptions=True)
+    )
+    for i, (entry, result) in enumerate(zip(entries, results, strict=True)):
+        if isinstance(result, BatchRefused):
+            try:
+                await send(entry)
+            except BatchRefused as exc:
+                results[i] = exc.refusal  # refused alone: the record is the cause
+            except Exception as exc:
+                results[i] = exc
+            else:
+                results[i] = None
+    return results

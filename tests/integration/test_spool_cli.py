@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from bridge.spool import Spool, SpoolRecord, decode_frame, read_stats
+from bridge.kafka import TopicSpec, ensure_topics
+from bridge.metrics import BridgeMetrics
+from bridge.publisher import Headers
+from bridge.rdkafka import RdKafkaPublisher
+from bridge.settings import KafkaSettings
+from bridge.spool import Spool, SpooledEntry, SpoolRecord, decode_frame, read_stats
+from bridge.spool_cli import drain
 from tests.fixtures.kafka import consume, unique_topic
 
 pytestmark = pytest.mark.kafka
@@ -102,3 +110,124 @@ async def test_drain_sets_a_record_kafka_refuses_aside_and_publishes_the_rest(
     (saved,) = (directory / "corrupt").iterdir()
     assert decode_frame(saved.read_bytes()).value == values[1]
     assert read_stats(directory).records == 0
+
+
+class WatchedPublisher:
+    """The bridge's librdkafka producer, noting what it is asked to publish and how much at once."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self._inner = RdKafkaPublisher(settings=kafka, metrics=BridgeMetrics())
+        self.published: list[bytes] = []
+        self.in_flight = self.most_in_flight = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._inner.connected
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def stop(self, *, timeout_s: float = 30.0) -> None:
+        await self._inner.stop(timeout_s=timeout_s)
+
+    async def ping(self, *, timeout_s: float) -> bool:
+        return await self._inner.ping(timeout_s=timeout_s)
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        self.published.append(value)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self._inner.publish(
+                topic, key=key, value=value, headers=headers, timeout_s=timeout_s
+            )
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.fixture
+def acknowledged(monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
+    """The values of the records of each ``Spool.acknowledge`` call, in the order given."""
+    calls: list[list[bytes]] = []
+    original = Spool.acknowledge
+
+    async def acknowledge(self: Spool, entries: Iterable[SpooledEntry]) -> None:
+        entries = list(entries)
+        calls.append([e.record.value for e in entries])
+        await original(self, entries)
+
+    monkeypatch.setattr(Spool, "acknowledge", acknowledge)
+    return calls
+
+
+async def test_drain_publishes_a_batch_at_once_and_acknowledges_it_in_order(
+    kafka_bootstrap: str, tmp_path: Path, acknowledged: list[list[bytes]]
+) -> None:
+    topic = unique_topic("drained")
+    directory = tmp_path / "left-behind"
+    await make_spool(directory, topic, 60)
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
+    publisher, out = WatchedPublisher(kafka), io.StringIO()
+
+    assert await drain(directory, kafka, batch_records=20, out=out, publisher=publisher) == 0
+
+    assert publisher.most_in_flight == 20  # a whole batch waits for Kafka at once
+    assert len(publisher.published) == 60
+    values = [b'{"n":%d,"pad":"%s"}' % (n, b"x" * 200) for n in range(60)]
+    assert acknowledged == [values[0:20], values[20:40], values[40:60]]
+    records = await consume(kafka_bootstrap, topic, count=60, settle_s=1.0)
+    assert sorted(r.value for r in records) == sorted(values)
+    assert "drained 60 records" in out.getvalue()
+    assert read_stats(directory).records == 0
+
+
+async def test_drain_sends_a_batch_kafka_refuses_again_one_record_at_a_time(
+    kafka_bootstrap: str, tmp_path: Path, acknowledged: list[list[bytes]]
+) -> None:
+    # The broker refuses a batch larger than the topic's max.message.bytes with every record
+    # in it: only the big one is refused when each is sent alone.
+    topic = unique_topic("drained-small")
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
+    await ensure_topics(kafka, [TopicSpec(topic, configs={"max.message.bytes": "100000"})])
+    directory = tmp_path / "left-behind"
+    small = [b'{"n":%d}' % n for n in range(10)]
+    big = b'{"pad":"' + b"x" * 200_000 + b'"}'
+    values = [*small[:5], big, *small[5:]]
+    async with Spool(directory=directory, fsync=False) as spool:
+        for value in values:
+            record = SpoolRecord(topic=topic, key=b"k", value=value, headers=[], spooled_at_ms=1)
+            await spool.append(record)
+    publisher, out = WatchedPublisher(kafka), io.StringIO()
+
+    assert await drain(directory, kafka, out=out, publisher=publisher) == 0
+
+    assert publisher.published.count(big) == 2  # with its batch, then alone
+    assert "1 refused set aside" in out.getvalue()
+    # Only what Kafka took is acknowledged as delivered, in the order read; the refused
+    # record afterwards, when it is set aside.
+    assert acknowledged == [small, [big]]
+    records = await consume(kafka_bootstrap, topic, count=10, settle_s=1.0)
+    assert sorted(r.value for r in records) == sorted(small)  # each once
+    (saved,) = (directory / "corrupt").iterdir()
+    assert decode_frame(saved.read_bytes()).value == big
+    assert read_stats(directory).records == 0
+
+
+async def test_drain_refuses_a_spool_a_bridge_holds_before_connecting_to_kafka(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "held"
+    async with Spool(directory=directory, fsync=False):  # as a running bridge holds it
+        drained = await asyncio.to_thread(
+            wifi_bridge,
+            "spool",
+            "drain",
+            str(directory),
+            "--kafka-bootstrap-servers",
+            "127.0.0.1:1",
+        )
+    assert drained.returncode == 1
+    assert "in use by another process" in drained.stderr
+    assert "Kafka" not in drained.stderr
