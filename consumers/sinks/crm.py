@@ -54,7 +54,13 @@ from consumers.sinks.contacts import (
 from consumers.sinks.crm_dlq import DeadLetterRecord, fit_dead_letter
 from consumers.sinks.crm_http import HttpClient
 from consumers.sinks.crm_metrics import CrmMetrics
-from consumers.sinks.crm_port import Crm, CrmBatchRejected, CrmUnavailable, truncate_detail
+from consumers.sinks.crm_port import (
+    Crm,
+    CrmBatchRejected,
+    CrmRateLimited,
+    CrmUnavailable,
+    truncate_detail,
+)
 from consumers.sinks.crm_requests import Outcome, RequestQueue
 from consumers.sinks.crm_retry import Backoff, RetryReason
 from consumers.sinks.crm_settings import CrmSettings
@@ -463,6 +469,14 @@ class CrmSink:
             part = request.items
             try:
                 result = await self._crm.upsert([upsert.contact for upsert in part])
+            except CrmRateLimited as exc:
+                # Waited for here, where the consumer polls and a stop is heard: a 429's
+                # Retry-After may hold the limiter longer than Kafka's max.poll.interval.
+                queue.deferred(request)
+                if not await self._wait(exc.retry_after_s):
+                    delivery.complete = False
+                    return delivery
+                continue
             except CrmUnavailable as exc:
                 if exc.reason is RetryReason.SERVER_ERROR:
                     outcome = queue.server_error(request)

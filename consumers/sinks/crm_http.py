@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import aiohttp
 
 from consumers.sinks.crm_metrics import CrmMetrics
-from consumers.sinks.crm_port import CrmBatchRejected, CrmUnavailable, truncate_detail
+from consumers.sinks.crm_port import (
+    CrmBatchRejected,
+    CrmRateLimited,
+    CrmUnavailable,
+    truncate_detail,
+)
 from consumers.sinks.crm_retry import RetryReason, Verdict, classify_status, parse_retry_after
 from consumers.sinks.ratelimit import SlidingWindowLimiter
 
@@ -19,6 +24,11 @@ log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 900.0
 """The longest ``Retry-After`` the sink honours; a longer one waits this long and asks again."""
+
+MAX_SLEEP_S = 1.0
+"""The longest wait for the rate limit spent inside :meth:`HttpClient.post`; a longer one is
+the caller's (:class:`CrmRateLimited`), so that a stop or the consumer's poll never waits
+behind it (a ``Retry-After`` may hold the limiter for up to :data:`MAX_RETRY_AFTER_S`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +43,9 @@ class HttpClient:
     A 2xx answer (including 207) is returned; 429, 5xx, 401/403, 3xx (redirects are not
     followed), 404/405/410 (a wrong URL), timeouts and connection errors raise
     :class:`CrmUnavailable` (a 429's ``Retry-After`` also blocks the limiter); any other
-    status raises :class:`CrmBatchRejected` with the answer's text.
+    status raises :class:`CrmBatchRejected` with the answer's text. A request the rate limit
+    holds for more than ``max_sleep_s`` is not sent: :class:`CrmRateLimited` says how long
+    to wait.
     """
 
     def __init__(
@@ -43,10 +55,14 @@ class HttpClient:
         limiter: SlidingWindowLimiter,
         metrics: CrmMetrics,
         timeout_s: float,
+        max_sleep_s: float = MAX_SLEEP_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
+        if max_sleep_s < 0:
+            raise ValueError("max_sleep_s must be >= 0")
+        self._max_sleep_s = max_sleep_s
         self._crm = crm
         self._limiter = limiter
         self._metrics = metrics
@@ -60,6 +76,10 @@ class HttpClient:
             wait_s = self._limiter.acquire(sent_s)
             if wait_s <= 0:
                 break
+            if wait_s > self._max_sleep_s:
+                raise CrmRateLimited(
+                    f"the rate limit holds requests to {self._crm}", retry_after_s=wait_s
+                )
             await asyncio.sleep(wait_s)
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)

@@ -53,6 +53,20 @@ class CrmUnavailable(CrmError):
         self.detail = detail
 
 
+class CrmRateLimited(CrmUnavailable):
+    """The request was not sent: the rate limit holds every request ``retry_after_s`` more.
+
+    The caller waits (polling Kafka and heeding a stop, which a sleep inside the adapter could
+    not) and sends it again; nothing was learnt about the CRM.
+    """
+
+    code = "crm_rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, reason=RetryReason.RATE_LIMITED, retry_after_s=retry_after_s)
+        self.retry_after_s: float = retry_after_s
+
+
 class CrmBatchRejected(CrmError):
     """The CRM refused the request as a whole (e.g. 400): retrying it unchanged cannot help.
 

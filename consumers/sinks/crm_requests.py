@@ -130,6 +130,11 @@ class RequestQueue(Generic[T]):
         self._failed_since_accepted.add(request)
         self._waiting.appendleft(request)
 
+    def deferred(self, request: Request[T]) -> None:
+        """Not sent (the client's own rate limit holds it): it goes first again, and nothing
+        is learnt about the CRM."""
+        self._waiting.appendleft(request)
+
     def server_error(self, request: Request[T]) -> Outcome:
         """The CRM answered 5xx to the whole request: retry it, split it, or give it up."""
         request.failures += 1

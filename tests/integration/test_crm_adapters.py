@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from aiohttp import web
 from consumers.sinks.contacts import Contact
 from consumers.sinks.crm_http import MAX_RETRY_AFTER_S, HttpClient
 from consumers.sinks.crm_metrics import CrmMetrics
-from consumers.sinks.crm_port import CrmBatchRejected, CrmUnavailable
+from consumers.sinks.crm_port import CrmBatchRejected, CrmRateLimited, CrmUnavailable
 from consumers.sinks.crm_retry import RetryReason
 from consumers.sinks.hubspot import HubSpotCrm
 from consumers.sinks.ratelimit import SlidingWindowLimiter
@@ -259,6 +260,53 @@ async def test_hubspot_429_carries_retry_after_and_holds_back_the_next_request(
     finally:
         await crm.close()
     assert fake.requests_while_blocked == 0
+
+
+async def test_a_request_the_rate_limit_holds_long_is_handed_back_not_slept_on(
+    hubspot_server: StartHubSpot,
+) -> None:
+    # A Retry-After of a minute: sleeping on it inside the request would keep the sink from
+    # polling Kafka and from hearing a stop; the caller is told how long to wait instead.
+    fake = await hubspot_server(rate_limit=1, window_s=60.0)
+    crm = HubSpotCrm(base_url=fake.url, token=fake.token, http=http("hubspot"))
+    try:
+        await crm.upsert(contacts(1))
+        with pytest.raises(CrmUnavailable) as answered:
+            await crm.upsert(contacts(1))
+        assert answered.value.retry_after_s == 60
+        started = time.monotonic()
+        with pytest.raises(CrmRateLimited) as held:
+            await crm.upsert(contacts(1))
+        assert time.monotonic() - started < 0.5
+        assert held.value.reason is RetryReason.RATE_LIMITED
+        assert 55 < held.value.retry_after_s <= 60
+    finally:
+        await crm.close()
+    assert fake.requests_while_blocked == 0
+
+
+@pytest.mark.kafka
+async def test_a_stop_while_the_rate_limit_holds_a_request_ends_promptly(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server()
+    records = [canonical_login(email=f"held{n}@example.com") for n in range(2)]
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records, partitions=1)
+    sink = await crm_sink.start(
+        CRM_TARGET="hubspot",
+        CRM_HUBSPOT_BASE_URL=fake.url,
+        CRM_HUBSPOT_TOKEN=fake.token,
+        CRM_BATCH_SIZE="1",
+        CRM_RATE_LIMIT_REQUESTS="1",
+        CRM_RATE_LIMIT_WINDOW_S="60",
+    )
+    await eventually(lambda: len(fake.batch_sizes) == 1, what="the first request answered")
+    await asyncio.sleep(1.0)  # the second now waits a minute for the limiter
+    started = time.monotonic()
+    await crm_sink.stop(sink)
+    took_s = time.monotonic() - started
+    assert took_s < 5, f"the stop took {took_s:.1f} s"
+    assert len(fake.batch_sizes) == 1
 
 
 @pytest.mark.kafka

@@ -173,6 +173,20 @@ def test_a_rate_limited_request_is_sent_first_again_and_never_split() -> None:
     assert request.items == ["c0", "c1"]
 
 
+def test_a_request_the_rate_limit_held_back_goes_first_and_counts_as_no_failure() -> None:
+    # Held back by the client's own limiter, it never reached the CRM: the lone contact
+    # that failed alone is still given up once the CRM takes the other request.
+    queue = queue_of(["p", "a"], size=1, max_attempts=1)
+    p = queue.pop()
+    assert queue.server_error(p) is Outcome.RETRY
+    held = queue.pop()
+    queue.deferred(held)
+    assert queue.pop() is held
+    queue.accepted(held)
+    assert queue.pop() is p
+    assert queue.server_error(p) is Outcome.GIVE_UP
+
+
 def test_items_to_retry_go_first_in_one_request() -> None:
     queue = queue_of(contacts(2))
     queue.pop()
