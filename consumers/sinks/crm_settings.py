@@ -13,6 +13,12 @@ from bridge.errors import ConfigError
 from bridge.settings import KAFKA_OPTIONS, KafkaSettings
 from consumers.sinks.crm_dlq import MIN_MESSAGE_BYTES
 
+#: The longest CRM request and rate-limit window allowed, in seconds. A request is awaited
+#: without polling Kafka, and a consumer that does not poll within ``max.poll.interval.ms``
+#: (300 s, aiokafka's default) leaves its group: its partitions move and the batch is re-read.
+MAX_REQUEST_TIMEOUT_S = 240
+MAX_RATE_LIMIT_WINDOW_S = 300
+
 CRM_OPTIONS: tuple[Option, ...] = (
     Option(
         "CRM_TARGET",
@@ -46,8 +52,17 @@ CRM_OPTIONS: tuple[Option, ...] = (
     Option("CRM_BATCH_SIZE", "100", "contacts per CRM request (HubSpot takes at most 100)"),
     Option("CRM_MAX_POLL_RECORDS", "500", "records read from Kafka per batch"),
     Option("CRM_RATE_LIMIT_REQUESTS", "190", "CRM requests allowed per CRM_RATE_LIMIT_WINDOW_S"),
-    Option("CRM_RATE_LIMIT_WINDOW_S", "10", "the rate limit's sliding window, in seconds"),
-    Option("CRM_REQUEST_TIMEOUT_S", "30", "how long one CRM request may take"),
+    Option(
+        "CRM_RATE_LIMIT_WINDOW_S",
+        "10",
+        f"the rate limit's sliding window, in seconds (at most {MAX_RATE_LIMIT_WINDOW_S})",
+    ),
+    Option(
+        "CRM_REQUEST_TIMEOUT_S",
+        "30",
+        f"how long one CRM request may take (at most {MAX_REQUEST_TIMEOUT_S}: the consumer "
+        "does not poll Kafka meanwhile, and leaves its group after 300 s without a poll)",
+    ),
     Option("CRM_RETRY_INITIAL_MS", "500", "first wait before retrying a failed CRM request"),
     Option("CRM_RETRY_MAX_S", "60", "longest wait between retries (the backoff doubles up to it)"),
     Option(
@@ -108,14 +123,20 @@ class CrmSettings:
 
     @classmethod
     def from_values(cls, values: config.Values) -> CrmSettings:
-        topics = tuple(t.strip() for t in config.text(values, "CRM_TOPICS").split(",") if t.strip())
+        topics = tuple(
+            # Each name checked as a topic, so that a typo fails here with the setting's
+            # name rather than as a Kafka that never seems reachable.
+            config.topic({"CRM_TOPICS": t.strip()}, "CRM_TOPICS")
+            for t in config.text(values, "CRM_TOPICS").split(",")
+            if t.strip()
+        )
         if not topics:
             raise ConfigError("CRM_TOPICS: name at least one topic")
         settings = cls(
             kafka=KafkaSettings.from_values(values),
             target=config.text(values, "CRM_TARGET"),
             topics=topics,
-            topic_dlq=config.text(values, "CRM_TOPIC_DLQ"),
+            topic_dlq=config.topic(values, "CRM_TOPIC_DLQ"),
             dlq_max_bytes=config.integer(values, "CRM_DLQ_MAX_BYTES", minimum=MIN_MESSAGE_BYTES),
             group_id=config.text(values, "CRM_GROUP_ID"),
             min_interval_s=config.integer(values, "CRM_MIN_INTERVAL_S", minimum=0),
@@ -123,8 +144,12 @@ class CrmSettings:
             batch_size=config.integer(values, "CRM_BATCH_SIZE", minimum=1, maximum=1000),
             max_poll_records=config.integer(values, "CRM_MAX_POLL_RECORDS", minimum=1),
             rate_limit_requests=config.integer(values, "CRM_RATE_LIMIT_REQUESTS", minimum=1),
-            rate_limit_window_s=config.integer(values, "CRM_RATE_LIMIT_WINDOW_S", minimum=1),
-            request_timeout_s=config.integer(values, "CRM_REQUEST_TIMEOUT_S", minimum=1),
+            rate_limit_window_s=config.integer(
+                values, "CRM_RATE_LIMIT_WINDOW_S", minimum=1, maximum=MAX_RATE_LIMIT_WINDOW_S
+            ),
+            request_timeout_s=config.integer(
+                values, "CRM_REQUEST_TIMEOUT_S", minimum=1, maximum=MAX_REQUEST_TIMEOUT_S
+            ),
             retry_initial_ms=config.integer(values, "CRM_RETRY_INITIAL_MS", minimum=1),
             retry_max_s=config.integer(values, "CRM_RETRY_MAX_S", minimum=1),
             record_max_attempts=config.integer(values, "CRM_RECORD_MAX_ATTEMPTS", minimum=1),

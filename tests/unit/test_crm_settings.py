@@ -65,6 +65,39 @@ def test_bad_setting_error_names_the_setting(env: dict[str, str], named: str) ->
         load(**env)
 
 
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CRM_TOPICS": "wifi.auth.visits typo"}, "CRM_TOPICS"),
+        ({"CRM_TOPICS": "wifi.auth.visits,visits/late"}, "CRM_TOPICS"),
+        ({"CRM_TOPICS": ".."}, "CRM_TOPICS"),
+        ({"CRM_TOPIC_DLQ": "dead letters"}, "CRM_TOPIC_DLQ"),
+        ({"CRM_TOPIC_DLQ": "d" * 250}, "CRM_TOPIC_DLQ"),
+    ],
+)
+def test_a_topic_name_kafka_would_refuse_is_a_setting_error(
+    env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{named}: expected a Kafka topic name"):
+        load(**env)
+
+
+def test_topic_names_are_read_trimmed() -> None:
+    settings = load(CRM_TOPICS=" a.visits , a_late ,", CRM_TOPIC_DLQ="a-dlq")
+    assert (settings.topics, settings.topic_dlq) == (("a.visits", "a_late"), "a-dlq")
+
+
+@pytest.mark.parametrize(
+    ("name", "largest"), [("CRM_REQUEST_TIMEOUT_S", 240), ("CRM_RATE_LIMIT_WINDOW_S", 300)]
+)
+def test_a_wait_longer_than_the_consumer_may_go_without_polling_is_refused(
+    name: str, largest: int
+) -> None:
+    assert getattr(load(**{name: str(largest)}), name.removeprefix("CRM_").lower()) == largest
+    with pytest.raises(ConfigError, match=rf"{name}: expected at least 1 and at most {largest}"):
+        load(**{name: str(largest + 1)})
+
+
 def test_sink_crm_reports_a_configuration_error_and_exits_2(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
