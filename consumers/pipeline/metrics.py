@@ -80,6 +80,11 @@ class PipelineMetrics:
         self.assigned = Gauge(
             "wifi_pipeline_assigned_partitions", "Input partitions this instance owns", registry=r
         )
+        self.input_partitions = Gauge(
+            "wifi_pipeline_input_partitions",
+            "Partitions of the raw topic, as read at start and at each assignment",
+            registry=r,
+        )
         self.transactions = Counter(
             "wifi_pipeline_transactions",
             "Kafka transactions, by result (committed, aborted)",

@@ -574,6 +574,19 @@ class PipelineService:
         self._commit_open()
         self._restore(consumer, numbers)
         self.metrics.assigned.set(len(self._owned))
+        self._count_input_partitions(consumer)
+
+    def _count_input_partitions(self, consumer: confluent_kafka.Consumer) -> None:
+        """Partitions may have been added to the raw topic (an assignment follows): the
+        alert on unowned partitions compares with this count. Best effort, one quick call."""
+        try:
+            topic = consumer.list_topics(self.settings.topic_raw, 2.0).topics.get(
+                self.settings.topic_raw
+            )
+        except KafkaException:
+            return
+        if topic is not None and topic.error is None and topic.partitions:
+            self.metrics.input_partitions.set(len(topic.partitions))
 
     def _on_revoke(
         self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]
@@ -785,6 +798,8 @@ class PipelineService:
     def _check_changelog_partitions(self) -> None:
         """State of raw partition N lives in changelog partition N: the counts must match."""
         raw = self._partition_count(self.settings.topic_raw)
+        if raw:
+            self.metrics.input_partitions.set(raw)
         changelog = self._partition_count(self.settings.topic_changelog)
         if raw and changelog < raw:
             raise PipelineError(

@@ -311,6 +311,15 @@ def test_a_partition_paused_when_revoked_is_read_again_when_it_comes_back(
     assert lag == dict.fromkeys(moved, 0), a.logs()
 
 
+def test_the_raw_topics_partition_count_is_exported_for_the_unowned_partitions_alert(
+    pipeline_rig: PipelineRig,
+) -> None:
+    rig = pipeline_rig
+    running = rig.spawn("a")
+    _wait_for(running, "wifi_pipeline_assigned_partitions", rig.partitions, timeout_s=30)
+    assert running.metric("wifi_pipeline_input_partitions") == rig.partitions
+
+
 def _partition_of(key: bytes, partitions: int) -> int:
     """The partition the bridge's murmur2 partitioner gives ``key``."""
     return int(murmur2(key) & 0x7FFFFFFF) % partitions
