@@ -262,11 +262,18 @@ class CrmSink:
         self._batch: Batch | None = None
         self._unsaved_marks: list[SyncMark] = []
         self._paused = False
-        self._lag_updated_at = 0.0
+        self._committed: dict[TopicPartition, int] = {}
+        """The group's committed offset of each partition assigned, as last read or made."""
 
     async def run(self) -> None:
-        while not self._stop.is_set():
-            await self.step()
+        # Beside the loop, not in it: the lag must go on moving while a batch backs off.
+        lag = asyncio.create_task(self._report_lag())
+        try:
+            while not self._stop.is_set():
+                await self.step()
+        finally:
+            lag.cancel()
+            await asyncio.gather(lag, return_exceptions=True)
 
     async def step(self) -> None:
         """Read one batch and, when it was dealt with completely, commit its offsets."""
@@ -289,7 +296,6 @@ class CrmSink:
             if done:
                 await self._commit(batch.next_offsets)
             self._batch = None
-        await self._update_lag()
 
     async def _settle(self, batch: Batch) -> bool:
         """:meth:`handle` the batch until it gets through; False when stopped first.
@@ -706,24 +712,39 @@ class CrmSink:
             # A rebalance took the partitions: their new owner re-reads from the last commit,
             # and the sync marks already saved keep that from sending twice here.
             log.warning("offsets not committed: the group rebalanced")
+            return
+        self._committed.update(offsets)
+
+    async def _report_lag(self) -> None:
+        while True:
+            try:
+                await self._update_lag()
+            except (KafkaError, OSError) as exc:
+                log.debug("consumer lag not updated", extra={"error": type(exc).__name__})
+            await asyncio.sleep(_LAG_EVERY_S)
 
     async def _update_lag(self) -> None:
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._lag_updated_at < _LAG_EVERY_S:
+        """``wifi_crm_consumer_lag_records``: per partition, the records a restart would read
+        again, from the group's committed offset (the log's start before any commit) to the
+        ``read_committed`` end. Records read but in a batch not yet settled are lag."""
+        assigned = self._consumer.assignment()
+        for tp in self._committed.keys() - assigned:
+            # Another member may commit it while it is away.
+            del self._committed[tp]
+        if not assigned:
             return
-        self._lag_updated_at = loop.time()
-        for tp in self._consumer.assignment():
-            end = self._consumer.last_stable_offset(tp)
-            if end is None:
-                end = self._consumer.highwater(tp)
-            if end is None:
-                continue
-            try:
-                position = await self._consumer.position(tp)
-            except KafkaError:
+        for tp in assigned - self._committed.keys():
+            committed = await self._consumer.committed(tp)
+            if committed is None:
+                committed = (await self._consumer.beginning_offsets([tp]))[tp]
+            self._committed.setdefault(tp, committed)
+        ends = await self._consumer.end_offsets(list(assigned))
+        for tp, end in ends.items():
+            committed = self._committed.get(tp)
+            if committed is None:
                 continue
             self._metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                max(0, end - position)
+                max(0, end - committed)
             )
 
 

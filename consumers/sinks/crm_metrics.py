@@ -72,7 +72,8 @@ class CrmMetrics:
         )
         self.consumer_lag = Gauge(
             "wifi_crm_consumer_lag_records",
-            "Records on a partition after the sink's position (read_committed end offset)",
+            "Records on a partition after the group's committed offset (to the read_committed "
+            "end offset), those of a batch still being delivered included",
             ["topic", "partition"],
             registry=r,
         )

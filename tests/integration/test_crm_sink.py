@@ -474,6 +474,30 @@ async def test_a_stop_ends_the_batch_between_requests_and_a_successor_syncs_the_
     assert set(fake.upserts.values()) == {1}, "a contact accepted before the stop was sent again"
 
 
+async def test_consumer_lag_counts_what_is_not_committed_and_moves_while_the_sink_backs_off(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    fake = await hubspot_server()
+    fake.outage(3600)
+    await produce_logins(kafka_bootstrap, crm_topics.visits, logins_of(5, prefix="lag"))
+    sink = await crm_sink.start(**hubspot_env(fake))
+
+    async def lag_is(records: int) -> bool:
+        return await sink.metric("wifi_crm_consumer_lag_records") == records
+
+    # read, but not delivered: a restart would read them again
+    await eventually(lambda: fake.statuses[503] >= 2, what="the sink meets the outage")
+    await eventually(lambda: lag_is(5), what="the batch backing off counted as lag")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, logins_of(3, prefix="lagmore"))
+    await eventually(lambda: lag_is(8), what="the lag moving while the batch backs off")
+    group = sink.env["CRM_GROUP_ID"]
+    assert await uncommitted_records(kafka_bootstrap, group, [crm_topics.visits]) == 8
+
+    fake.outage(0)
+    await committed(kafka_bootstrap, sink, crm_topics)
+    await eventually(lambda: lag_is(0), what="no lag once committed")
+
+
 PRODUCER_MAX_BYTES = 1_048_576  # aiokafka's default max_request_size, the sink's default too
 
 
