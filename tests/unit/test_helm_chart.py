@@ -9,6 +9,7 @@ Kubernetes API schemas.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -438,6 +439,23 @@ def test_the_stalled_pipeline_alert_waits_beyond_the_lateness_a_caught_up_waterm
 @pytest.mark.parametrize("size", ["1.5Gi", "2e9"])
 def test_a_volume_size_spelled_as_a_fraction_or_exponent_is_left_to_kubernetes(size: str) -> None:
     assert of_kind(render(*MINIMAL, "--set", f"bridge.spool.volumeSize={size}"), "StatefulSet")
+
+
+def test_the_kubernetes_manifests_in_the_readme_are_valid_and_run_a_real_command() -> None:
+    readme = (CHART.parents[2] / "README.md").read_text()
+    blocks = [
+        "\n".join(line.removeprefix("  ") for line in block.splitlines())
+        for block in re.findall(r"^ *```yaml\n(.*?)^ *```", readme, re.S | re.M)
+    ]
+    manifests = [doc for block in blocks for doc in yaml.safe_load_all(block) if "kind" in doc]
+    assert manifests, "the README shows no Kubernetes manifest"
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+        for container in manifest["spec"]["template"]["spec"]["containers"]:
+            # The image's entrypoint is wifi-bridge: the args must be one of its commands.
+            with pytest.raises(SystemExit) as done:
+                cli.main([*container["args"], "--help"])
+            assert done.value.code == 0, container["args"]
 
 
 def test_the_spool_collector_is_exported_without_an_open_spool(tmp_path: Path) -> None:
