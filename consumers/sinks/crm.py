@@ -463,7 +463,6 @@ class CrmSink:
         """
         crm = self._crm.name
         delivery = Delivery(accepted=[], refused=[])
-        record_attempts: Counter[str] = Counter()
         outage_attempt = 0
         while queue:
             if self._stop.is_set():
@@ -475,6 +474,14 @@ class CrmSink:
             part = request.items
             try:
                 result = await self._crm.upsert([upsert.contact for upsert in part])
+                if result.retry and not result.accepted and not result.rejected:
+                    # It took none of them: for the request, no better than a 5xx.
+                    raise CrmUnavailable(
+                        f"{crm} answered every contact retryable",
+                        reason=RetryReason.RECORD_RETRYABLE,
+                        status=207,
+                        detail=f"{crm} kept answering this contact retryable",
+                    )
             except CrmRateLimited as exc:
                 # Waited for here, where the consumer polls and a stop is heard: a 429's
                 # Retry-After may hold the limiter longer than Kafka's max.poll.interval.
@@ -484,7 +491,7 @@ class CrmSink:
                     return delivery
                 continue
             except CrmUnavailable as exc:
-                if exc.reason is RetryReason.SERVER_ERROR:
+                if exc.reason in (RetryReason.SERVER_ERROR, RetryReason.RECORD_RETRYABLE):
                     outcome = queue.server_error(request)
                 else:
                     queue.unavailable(request)
@@ -544,21 +551,26 @@ class CrmSink:
             delivery.refused += [
                 Refusal(by_email[r.contact.email], r.status, r.detail) for r in result.rejected
             ]
-            again: list[Upsert] = []
-            for contact in result.retry:
-                record_attempts[contact.email] += 1
-                if record_attempts[contact.email] >= self._settings.record_max_attempts:
-                    detail = "the CRM kept answering retryable; attempts exhausted"
-                    delivery.refused.append(Refusal(by_email[contact.email], 207, detail))
-                else:
-                    again.append(by_email[contact.email])
-            if again:
+            if result.retry:
+                # Retried like a server error of their own: without limit while the CRM
+                # fails (rate limits, its own errors), not dead-lettered after a few tries.
+                again = [by_email[contact.email] for contact in result.retry]
+                outcome = queue.failed_in_part(request, again)
+                if outcome is Outcome.GIVE_UP:
+                    log.warning(
+                        "the CRM keeps failing on one contact while it takes others; dead-lettered",
+                        extra={"crm": crm, "status": 207, "event_id": again[0].contact.event_id},
+                    )
+                    detail = f"{crm} kept answering this contact retryable"
+                    delivery.refused.append(Refusal(again[0], 207, detail, SERVER_ERROR_REASON))
+                    continue
                 self._metrics.retries.labels(
                     crm=crm, reason=RetryReason.RECORD_RETRYABLE.value
                 ).inc(len(again))
-                attempt = max(record_attempts[u.contact.email] for u in again) - 1
-                queue.add_first(again)
-                if not await self._wait(self._backoff.delay_s(attempt, draw=self._draw())):
+                wait_s = self._backoff.delay_s(outage_attempt, draw=self._draw())
+                outage_attempt += 1
+                more = grow if queue.needs_other_work else None
+                if not await self._wait(wait_s, grow=more):
                     delivery.complete = False
                     return delivery
         return delivery

@@ -130,6 +130,19 @@ class RequestQueue(Generic[T]):
         self._failed_since_accepted.add(request)
         self._waiting.appendleft(request)
 
+    def failed_in_part(self, request: Request[T], items: Sequence[T]) -> Outcome:
+        """The CRM took ``request`` (see :meth:`accepted`) but answered ``items`` of it with a
+        retryable error (a multi-status answer): they fail as a request of their own, which
+        keeps the failures in a row of the request, like a server error (:meth:`server_error`).
+        So they are retried for as long as the CRM fails, and a lone item is given up only
+        while the CRM takes other requests."""
+        part = Request(
+            list(items),
+            failures=request.failures,
+            accepted_at_first_failure=request.accepted_at_first_failure,
+        )
+        return self.server_error(part)
+
     def deferred(self, request: Request[T]) -> None:
         """Not sent (the client's own rate limit holds it): it goes first again, and nothing
         is learnt about the CRM."""

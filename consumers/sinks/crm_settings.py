@@ -68,9 +68,9 @@ CRM_OPTIONS: tuple[Option, ...] = (
     Option(
         "CRM_RECORD_MAX_ATTEMPTS",
         "8",
-        "attempts for a record the CRM answers retryable in a multi-status answer, or 5xx "
-        "when sent alone while it accepts other requests; then it goes to the dead-letter "
-        "topic (outages are retried without limit)",
+        "failures in a row (a 5xx, or retryable in a multi-status answer) of a contact sent "
+        "alone while the CRM accepts other requests; then it goes to the dead-letter topic "
+        "(outages and rate limits are retried without limit)",
     ),
     Option(
         "CRM_SPLIT_AFTER_SERVER_ERRORS",

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sqlite3
 import time
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,28 @@ async def test_partial_failure_sends_only_the_rejected_records_to_the_dlq(
     assert await sink.metric("wifi_crm_retries_total", reason="record_retryable") == 1
     samples = (await sink.metrics_text()).splitlines()
     assert not [line for line in samples if "@" in line], "personal data in a metric label"
+
+
+@pytest.mark.parametrize("category", ["RATE_LIMITS", "INTERNAL_ERROR"])
+async def test_a_contact_answered_retryable_in_a_207_is_retried_past_max_attempts_not_dead_lettered(
+    kafka_bootstrap: str,
+    crm_topics: CrmTopics,
+    crm_sink: SinkRunner,
+    hubspot_server: StartHubSpot,
+    category: str,
+) -> None:
+    # The CRM takes the others and keeps answering this one retryable for a while (rate
+    # limited, or its own error): nothing shows it at fault, so it waits, with backoff.
+    records = logins_of(4, prefix="slowly")
+    flaky = records[1]["user"]["email"]
+    fake = await hubspot_server(fail_times=Counter({flaky: 6}), retryable_category=category)
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records, partitions=1)
+    sink = await crm_sink.start(**hubspot_env(fake, CRM_RECORD_MAX_ATTEMPTS="2"))
+    await eventually(lambda: fake.synced == emails(records), what="all synced")
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert fake.fail_times[flaky] == 0
+    assert set(fake.upserts.values()) == {1}
+    assert await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=1) == []
 
 
 async def test_a_contact_that_fails_its_whole_batch_is_isolated_and_alone_dead_lettered(

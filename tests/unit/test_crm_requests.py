@@ -187,6 +187,34 @@ def test_a_request_the_rate_limit_held_back_goes_first_and_counts_as_no_failure(
     assert queue.server_error(p) is Outcome.GIVE_UP
 
 
+def test_items_a_taken_request_answered_retryable_are_retried_for_as_long_as_the_crm_fails() -> (
+    None
+):
+    # The CRM took the others of the request; it goes on failing on these, and on everything
+    # else: an outage, never given up however many tries.
+    queue = queue_of(["a", "b", "c"], max_attempts=2)
+    request = queue.pop()
+    queue.accepted(request)
+    assert queue.failed_in_part(request, ["b", "c"]) is Outcome.RETRY
+    accepted, given_up, sizes = drive(queue, lambda part, _: True, max_steps=200)
+    assert (accepted, given_up) == ([], [])
+    assert sizes[-2:] == [1, 1]  # split, but each still waits for the CRM
+    assert queue.needs_other_work
+
+
+def test_a_contact_answered_retryable_alone_is_given_up_once_the_crm_takes_other_work() -> None:
+    queue = queue_of(["a", "p"], max_attempts=2)
+    request = queue.pop()
+    queue.accepted(request)
+    assert queue.failed_in_part(request, ["p"]) is Outcome.RETRY
+    p = queue.pop()
+    assert queue.server_error(p) is Outcome.RETRY  # still nothing else taken since
+    queue.add(["later"])
+    queue.accepted(queue.pop())
+    assert queue.pop() is p
+    assert queue.server_error(p) is Outcome.GIVE_UP
+
+
 def test_items_to_retry_go_first_in_one_request() -> None:
     queue = queue_of(contacts(2))
     queue.pop()
