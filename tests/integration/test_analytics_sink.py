@@ -27,12 +27,15 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, OutOfOrderSequenceNumber
+from aiokafka.structs import ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
 from consumers.sinks.analytics import service
+from consumers.sinks.analytics.dead_letters import DeadLetterProducer
 from consumers.sinks.analytics.metrics import AnalyticsMetrics
+from consumers.sinks.analytics.rows import Reason, RejectedRecord
 from consumers.sinks.analytics.service import serve
 from consumers.sinks.analytics.settings import AnalyticsSettings
 from consumers.sinks.analytics.store import AnalyticsStore, Position, StoreUnavailable
@@ -893,6 +896,46 @@ async def test_a_wedged_dead_letter_producer_is_replaced_and_the_letter_delivere
     assert letter.value == stream[0][2]
     assert await fetch_one(target.port(), "SELECT count(*) FROM logins") == 1
     await target.close()
+
+
+async def test_letters_sent_together_without_a_producer_start_one_and_leave_none_running(
+    kafka_bootstrap: str, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No producer: the sink's first letters, or the next try after a replacement failed.
+    await ensure_topics(KafkaSettings(bootstrap_servers=kafka_bootstrap), [TopicSpec(topics.dlq)])
+    start, stop = AIOKafkaProducer.start, AIOKafkaProducer.stop
+    started: list[AIOKafkaProducer] = []
+    stopped: list[AIOKafkaProducer] = []
+
+    async def counted_start(self: AIOKafkaProducer) -> None:
+        started.append(self)
+        await start(self)
+
+    async def counted_stop(self: AIOKafkaProducer) -> None:
+        stopped.append(self)
+        await stop(self)
+
+    monkeypatch.setattr(AIOKafkaProducer, "start", counted_start)
+    monkeypatch.setattr(AIOKafkaProducer, "stop", counted_stop)
+    letters = DeadLetterProducer(
+        lambda: AIOKafkaProducer(bootstrap_servers=kafka_bootstrap),
+        topic=topics.dlq,
+        max_bytes=1 << 20,
+    )
+    rejected = [
+        (
+            ConsumerRecord(topics.visits, 0, n, 0, 0, b"k", b"{not json", None, 0, 9, []),
+            RejectedRecord(Reason.INVALID_JSON, "value is not JSON"),
+        )
+        for n in range(4)
+    ]
+    try:
+        assert await letters.publish(rejected) == [None] * 4
+    finally:
+        await letters.stop()
+    assert len(started) == 1
+    assert stopped == started
+    assert len(await consume(kafka_bootstrap, topics.dlq, count=4)) == 4
 
 
 async def test_kafka_unreachable_at_start_is_waited_out_not_a_crash(

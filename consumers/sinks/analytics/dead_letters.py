@@ -86,18 +86,19 @@ class DeadLetterProducer:
         self._topic = topic
         self._max_bytes = max_bytes
         self._producer: AIOKafkaProducer | None = None
+        # Letters are sent together: the first to find no producer starts the one they share.
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        if self._producer is None:
-            self._producer = await started(self._make())
+        async with self._starting:
+            if self._producer is None:
+                self._producer = await started(self._make())
 
-    async def reset(self) -> None:
+    async def stop(self) -> None:
+        """Stop the producer; the next send starts another."""
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
-
-    async def stop(self) -> None:
-        await self.reset()
 
     async def publish(
         self, letters: Sequence[tuple[Record, RejectedRecord]]
@@ -112,13 +113,19 @@ class DeadLetterProducer:
         if not letters:
             return []
         cut = [letter(record, error, max_bytes=self._max_bytes) for record, error in letters]
+        try:
+            await self.start()
+        except KafkaError as exc:  # Kafka unavailable: every letter waits for the next try
+            return [exc] * len(letters)
+        shared = self._producer
         outcomes = await asyncio.gather(*(self._send(d) for d in cut), return_exceptions=True)
         results: list[KafkaError | None] = []
         for (record, error), dead, outcome in zip(letters, cut, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, KafkaError):
                 raise outcome
             if isinstance(outcome, _REPLACE):
-                await self.reset()
+                if self._producer is shared:  # not yet replaced for an earlier letter
+                    await self.stop()
                 outcome = await self._send_cut(record, error, dead)
             results.append(outcome)
         return results
@@ -136,7 +143,7 @@ class DeadLetterProducer:
             await self._send(dead)
         except KafkaError as exc:
             if isinstance(exc, _REPLACE):
-                await self.reset()
+                await self.stop()
             return exc
         return None
 
@@ -177,6 +184,6 @@ class DeadLetterProducer:
                     "topic": record.topic,
                     "partition": record.partition,
                     "offset": record.offset,
-                    "max_bytes": dead.size_bytes,
+                    "cut_to_bytes": dead.size_bytes,
                 },
             )
