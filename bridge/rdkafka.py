@@ -130,14 +130,24 @@ class RdKafkaPublisher:
         #: by the thread that polls.
         self._reports: list[tuple[asyncio.Future[None], KafkaError | None]] = []
         self.fatal_error: KafkaError | None = None
-        #: Set when librdkafka reports that it lost every broker connection (on the polling
-        #: thread); cleared by the next acknowledged record or answered ping.
-        self._brokers_down = False
+        #: How many times librdkafka reported that it lost every broker connection (written
+        #: only by the polling thread), and how many of those reports an acknowledged record or
+        #: an answered ping that began after them has answered (written only by the loop): an
+        #: ack collected before a report says nothing of what came after it. Each field has one
+        #: writer, so no report can be lost between a read and a write of the other thread.
+        self._down_reports = 0
+        self._answered_reports = 0
+        self._ping_failed = False
 
     @property
     def connected(self) -> bool:
         """A producer is up, without a fatal error, and not cut off from every broker."""
-        return self._producer is not None and self.fatal_error is None and not self._brokers_down
+        return (
+            self._producer is not None
+            and self.fatal_error is None
+            and self._answered_reports >= self._down_reports
+            and not self._ping_failed
+        )
 
     async def start(self) -> None:
         """Create the producer and check that a broker answers; raises if none does."""
@@ -193,6 +203,7 @@ class RdKafkaPublisher:
         if producer is None or loop is None:
             raise PublishError("not connected to Kafka")
         started = loop.time()
+        reports = self._down_reports
         delivered: asyncio.Future[None] = loop.create_future()
         try:
             producer.produce(
@@ -213,20 +224,30 @@ class RdKafkaPublisher:
             # The broker answers for a whole batch, which other records may have shared.
             self._metrics.publish_errors.labels(topic=topic, error=_error_name(exc)).inc()
             raise _failure(exc, alone=False) from None
-        self._brokers_down = False
+        self._answered(reports)
         self._metrics.ack_latency.observe(loop.time() - started)
 
     async def ping(self, *, timeout_s: float) -> bool:
         producer = self._producer
         if producer is None or self.fatal_error is not None:
             return False
+        reports = self._down_reports
         try:
             metadata = await asyncio.to_thread(producer.list_topics, timeout=timeout_s)
         except KafkaException:
-            self._brokers_down = True
+            self._ping_failed = True
             return False
-        self._brokers_down = not metadata.brokers
-        return not self._brokers_down
+        if not metadata.brokers:
+            self._ping_failed = True
+            return False
+        self._answered(reports)
+        return True
+
+    def _answered(self, reports: int) -> None:
+        """Kafka answered something begun when ``reports`` brokers-down reports were known."""
+        self._ping_failed = False
+        if reports > self._answered_reports:
+            self._answered_reports = reports
 
     def _poll_thread(
         self, producer: confluent_kafka.Producer, loop: asyncio.AbstractEventLoop
@@ -269,7 +290,7 @@ class RdKafkaPublisher:
             self.fatal_error = err
             log.error("producer hit a fatal error", extra={"error": err.name()})
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._brokers_down = True
+            self._down_reports += 1
             log.warning("Kafka client error", extra={"error": err.name()})
         else:
             log.warning("Kafka client error", extra={"error": err.name()})
