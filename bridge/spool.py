@@ -441,6 +441,10 @@ class SpoolStats:
 # --------------------------------------------------------------------------------------------
 
 
+#: How many items a read may hold past the committed position, in batches of the read's size.
+_READ_AHEAD_FACTOR = 4
+
+
 def _segment_name(segment_id: int) -> str:
     return f"{segment_id:020d}.seg"
 
@@ -1321,6 +1325,11 @@ class Spool:
         async with self._read_lock:
             entries: list[SpooledEntry] = []
             while len(entries) < max_records:
+                if entries and len(self._in_flight) >= _READ_AHEAD_FACTOR * max_records:
+                    # Mostly records delivered past one that keeps failing: read no further
+                    # ahead of the committed position, or each retry would read (and hold)
+                    # more of the spool.
+                    break
                 segment = self._segment_at_or_after(self._read_pos.segment_id)
                 if segment is None:
                     break

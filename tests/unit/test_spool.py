@@ -352,6 +352,26 @@ async def test_records_acknowledged_past_a_failed_one_are_not_read_again_after_a
     assert segment_files(spool_dir) == []
 
 
+async def test_a_record_that_keeps_failing_holds_a_bounded_read_ahead_and_nothing_is_sent_twice(
+    spool_dir: Path,
+) -> None:
+    async with Spool(directory=spool_dir, segment_bytes=400) as spool:
+        for i in range(60):
+            await spool.append(make_record(i))
+        delivered: list[bytes] = []
+        for _ in range(15):  # record 0 fails every time; what comes after it is delivered
+            batch = await spool.read_batch(5)
+            assert values(batch)[0] == make_record(0).value
+            await spool.acknowledge(batch[1:])
+            delivered += values(batch[1:])
+            assert len(spool._in_flight) <= 5 * 5  # not the whole spool, however many tries
+            await spool.rewind()
+        rest = await read_all(spool)  # record 0 goes through at last
+        delivered += values(rest)
+        assert sorted(delivered) == sorted(make_record(i).value for i in range(60))
+        assert spool.stats().records == 0
+
+
 async def test_record_larger_than_a_segment_gets_a_segment_of_its_own(spool_dir: Path) -> None:
     big = make_record(1, size=5000)
     async with Spool(directory=spool_dir, segment_bytes=1000) as spool:
