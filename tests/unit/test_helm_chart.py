@@ -117,6 +117,26 @@ def test_every_rendered_object_is_valid_for_the_kubernetes_api(variant: str) -> 
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
+# SASL credentials through every component's secretEnv instead of kafka.sasl.existingSecret.
+SASL_SECRET_ENV = tuple(
+    item
+    for component in ("bridge", "pipeline", "crm", "analytics")
+    for name in ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+    for item in (
+        "--set",
+        f"{component}.secretEnv.{name}.secret=kafka-user",
+        "--set",
+        f"{component}.secretEnv.{name}.key={name.rsplit('_', 1)[1].lower()}",
+    )
+)
+
+
+def test_sasl_credentials_may_come_through_each_components_secret_env() -> None:
+    objects = render(*MINIMAL, "--set", "kafka.securityProtocol=SASL_SSL", *SASL_SECRET_ENV)
+    for _, container in containers(objects):
+        assert {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"} <= set(env_of(container))
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -134,15 +154,20 @@ def test_every_rendered_object_is_valid_for_the_kubernetes_api(variant: str) -> 
         ((*MINIMAL, "--set", "bridge.spool.maxBytes=1048575"), "bridge.spool.maxBytes must be"),
         (
             (*MINIMAL, "--set", "bridge.spool.maxBytes=4294967296"),
-            "bridge.spool.maxBytes (4294967296) must be smaller than bridge.spool.volumeSize (2Gi",
+            "bridge.spool.maxBytes (4294967296) must be at least 64 MiB smaller than "
+            "bridge.spool.volumeSize (2Gi",
         ),
         (
             (*MINIMAL, "--set", "bridge.spool.volumeSize=500M"),
-            "must be smaller than bridge.spool.volumeSize (500M, 500000000 bytes)",
+            "smaller than bridge.spool.volumeSize (500M, 500000000 bytes)",
         ),
         (
             (*MINIMAL, "--set", "kafka.securityProtocol=SASL_SSL"),
             "kafka.sasl.existingSecret is required with kafka.securityProtocol=SASL_SSL",
+        ),
+        (
+            (*MINIMAL, "--set", "kafka.securityProtocol=SASL_SSL", *SASL_SECRET_ENV[:-4]),
+            "(or KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD in analytics.secretEnv)",
         ),
         (
             (*MINIMAL, "--set", "kafka.replicationFactor=1"),
@@ -421,11 +446,23 @@ def test_every_alert_has_a_severity_and_a_summary() -> None:
         assert alert["annotations"]["summary"], alert["alert"]
 
 
-@pytest.mark.parametrize(("lateness", "threshold"), [(None, 120 + 900), ("900", 900 + 900)])
+@pytest.mark.parametrize(
+    ("lateness", "threshold"),
+    [
+        (None, 120 + 900),
+        (("--set", "pipeline.env.PIPELINE_LATENESS_S=900"), 900 + 900),  # a YAML number
+        (
+            ("--set-string", "pipeline.env.PIPELINE_LATENESS_S=0900"),
+            900 + 900,
+        ),  # as Python reads it
+        (("--set-string", "pipeline.env.PIPELINE_LATENESS_S= 600"), 600 + 900),
+        (("--set", "pipeline.env.PIPELINE_LATENESS_S=0"), 0 + 900),
+    ],
+)
 def test_the_stalled_pipeline_alert_waits_beyond_the_lateness_a_caught_up_watermark_rests_at(
-    lateness: str | None, threshold: int
+    lateness: tuple[str, str] | None, threshold: int
 ) -> None:
-    values = ("--set", f"pipeline.env.PIPELINE_LATENESS_S={lateness}") if lateness else ()
+    values = lateness or ()
     (rule,) = of_kind(render(*MINIMAL, *MONITORING, *values), "PrometheusRule")
     (stalled,) = [
         r
@@ -436,7 +473,7 @@ def test_the_stalled_pipeline_alert_waits_beyond_the_lateness_a_caught_up_waterm
     assert stalled["expr"].endswith(f"> {threshold}")
 
 
-@pytest.mark.parametrize("size", ["1.5Gi", "2e9"])
+@pytest.mark.parametrize("size", ["0.5Gi", "5e8"])  # smaller than the 1 GiB cap, if it were read
 def test_a_volume_size_spelled_as_a_fraction_or_exponent_is_left_to_kubernetes(size: str) -> None:
     assert of_kind(render(*MINIMAL, "--set", f"bridge.spool.volumeSize={size}"), "StatefulSet")
 

@@ -38,7 +38,12 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- fail (printf "kafka.minInsyncReplicas (%d) cannot exceed kafka.replicationFactor (%d): set both (a single broker needs 1 and 1)" (int .Values.kafka.minInsyncReplicas) (int .Values.kafka.replicationFactor)) -}}
 {{- end -}}
 {{- if and (hasPrefix "SASL_" .Values.kafka.securityProtocol) (not .Values.kafka.sasl.existingSecret) -}}
-{{- fail (printf "kafka.sasl.existingSecret is required with kafka.securityProtocol=%s: a Secret with the keys username and password" .Values.kafka.securityProtocol) -}}
+{{- range $name := list "bridge" "pipeline" "crm" "analytics" -}}
+{{- $component := get $.Values $name -}}
+{{- if and $component.enabled (not (hasKey ($component.secretEnv | default dict) "KAFKA_SASL_PASSWORD")) -}}
+{{- fail (printf "kafka.sasl.existingSecret is required with kafka.securityProtocol=%s: a Secret with the keys username and password (or KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD in %s.secretEnv)" $.Values.kafka.securityProtocol $name) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
