@@ -131,6 +131,23 @@ def topic(values: Values, name: str) -> str:
     return raw
 
 
+def topics(values: Values, name: str) -> tuple[str, ...]:
+    """Comma-separated Kafka topic names, each checked as :func:`topic`; a name given twice
+    is kept once, in the order first given. At least one is required."""
+    names = tuple(
+        dict.fromkeys(
+            # Each name checked here, so that a typo fails with the setting's name rather than
+            # as a Kafka that never seems reachable.
+            topic({name: part.strip()}, name)
+            for part in text(values, name).split(",")
+            if part.strip()
+        )
+    )
+    if not names:
+        raise ConfigError(f"{name}: name at least one topic")
+    return names
+
+
 def host(values: Values, name: str) -> str:
     """An IP address (IPv6 with or without brackets) or a DNS host name."""
     raw = text(values, name)

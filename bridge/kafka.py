@@ -76,6 +76,11 @@ async def ensure_topics(settings: KafkaSettings, topics: Sequence[TopicSpec]) ->
     """
     if not settings.create_topics:
         return []
+    # A name asked for twice is created once (as first asked): Kafka refuses a request that
+    # names a topic twice.
+    unique: dict[str, TopicSpec] = {}
+    for spec in topics:
+        unique.setdefault(spec.name, spec)
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
@@ -90,7 +95,7 @@ async def ensure_topics(settings: KafkaSettings, topics: Sequence[TopicSpec]) ->
                     **spec.configs,
                 },
             )
-            for spec in topics
+            for spec in unique.values()
             if spec.name not in existing
         ]
         if not wanted:

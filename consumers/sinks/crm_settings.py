@@ -123,15 +123,7 @@ class CrmSettings:
 
     @classmethod
     def from_values(cls, values: config.Values) -> CrmSettings:
-        topics = tuple(
-            # Each name checked as a topic, so that a typo fails here with the setting's
-            # name rather than as a Kafka that never seems reachable.
-            config.topic({"CRM_TOPICS": t.strip()}, "CRM_TOPICS")
-            for t in config.text(values, "CRM_TOPICS").split(",")
-            if t.strip()
-        )
-        if not topics:
-            raise ConfigError("CRM_TOPICS: name at least one topic")
+        topics = config.topics(values, "CRM_TOPICS")
         settings = cls(
             kafka=KafkaSettings.from_values(values),
             target=config.text(values, "CRM_TARGET"),

@@ -74,6 +74,21 @@ def test_bad_setting_error_names_the_setting_and_hides_passwords(
     assert "hunter2" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"ANALYTICS_TOPICS": "wifi auth visits"}, "ANALYTICS_TOPICS"),
+        ({"ANALYTICS_TOPICS": "wifi.auth.visits,visits/late"}, "ANALYTICS_TOPICS"),
+        ({"ANALYTICS_TOPIC_DLQ": "dead letters"}, "ANALYTICS_TOPIC_DLQ"),
+    ],
+)
+def test_a_topic_name_kafka_would_refuse_is_a_setting_error(
+    env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{named}: expected a Kafka topic name"):
+        load(**env)
+
+
 def test_a_topic_named_twice_is_read_once_in_the_order_given() -> None:
     settings = load(ANALYTICS_TOPICS="wifi.auth.visits, wifi.auth.late,wifi.auth.visits")
     assert settings.topics == ("wifi.auth.visits", "wifi.auth.late")

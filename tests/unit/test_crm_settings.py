@@ -82,8 +82,8 @@ def test_a_topic_name_kafka_would_refuse_is_a_setting_error(
         load(**env)
 
 
-def test_topic_names_are_read_trimmed() -> None:
-    settings = load(CRM_TOPICS=" a.visits , a_late ,", CRM_TOPIC_DLQ="a-dlq")
+def test_topic_names_are_read_trimmed_and_once_each() -> None:
+    settings = load(CRM_TOPICS=" a.visits , a_late ,a.visits", CRM_TOPIC_DLQ="a-dlq")
     assert (settings.topics, settings.topic_dlq) == (("a.visits", "a_late"), "a-dlq")
 
 

@@ -135,20 +135,12 @@ class AnalyticsSettings:
 
     @classmethod
     def from_values(cls, values: config.Values) -> AnalyticsSettings:
-        # A name given twice is read once (in the order first given): twice, the sink asked
-        # Kafka to create it twice, was refused, and waited for Kafka for ever.
-        topics = tuple(
-            dict.fromkeys(
-                t.strip() for t in config.text(values, "ANALYTICS_TOPICS").split(",") if t.strip()
-            )
-        )
-        if not topics:
-            raise ConfigError("ANALYTICS_TOPICS: name at least one topic")
+        topics = config.topics(values, "ANALYTICS_TOPICS")
         settings = cls(
             kafka=KafkaSettings.from_values(values),
             store=parse_store_url(config.text(values, "ANALYTICS_URL")),
             topics=topics,
-            topic_dlq=config.text(values, "ANALYTICS_TOPIC_DLQ"),
+            topic_dlq=config.topic(values, "ANALYTICS_TOPIC_DLQ"),
             dlq_max_bytes=config.integer(
                 values, "ANALYTICS_DLQ_MAX_BYTES", minimum=MIN_MESSAGE_BYTES
             ),
