@@ -124,7 +124,8 @@ class Move:
     @property
     def rereads(self) -> int:
         """Records it will read again (or, moving forward, skip: then negative)."""
-        current = self.low if self.current is None else self.current
+        # A position before the log start (records deleted by retention) reads from the start.
+        current = self.low if self.current is None else max(self.current, self.low)
         new = self.low if self.new is None else self.new
         return min(current, self.high) - new
 

@@ -54,6 +54,13 @@ def test_a_move_counts_the_records_read_again_or_skipped() -> None:
     assert Move("t", 0, current=50, new=0, low=0, high=12).rereads == 12
 
 
+def test_a_position_retention_deleted_the_records_of_moves_to_the_start_skipping_nothing() -> None:
+    behind = Move("t", 0, current=5, new=None, low=100, high=200)  # --to beginning
+    assert (behind.rereads, behind.skips) == (0, 0)
+    assert skip_refusal([behind]) is None
+    assert Move("t", 0, current=5, new=150, low=100, high=200).skips == 50  # these exist
+
+
 def test_a_plan_that_skips_unread_records_is_refused_naming_how_many_and_where() -> None:
     moves = [
         Move("visits", 0, current=4, new=12, low=0, high=12),  # 8 never read
