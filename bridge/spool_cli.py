@@ -24,6 +24,8 @@ from bridge.rdkafka import RdKafkaPublisher
 from bridge.settings import KafkaSettings
 from bridge.spool import Spool, SpooledEntry, SpoolStats, SpoolUnavailable, read_stats
 
+#: Waits before a failed batch is tried again, then the run stops (its exit status 1).
+_RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0)
 _PROGRESS_EVERY_S = 1.0
 
 
@@ -96,36 +98,52 @@ async def _drain(
     timeout_s: float,
     out: TextIO,
 ) -> int:
-    drained = refused = 0
+    drained = refused = failed_tries = 0
     known_topics: set[str] = set()
     started = last_report = time.monotonic()
-    try:
-        async for entries in spool.iter_batches(max_records=batch_records):
-            new_topics = {e.record.topic for e in entries} - known_topics
-            if new_topics:  # as the bridge would have (KAFKA_CREATE_TOPICS)
-                await ensure_topics(kafka, [TopicSpec(t) for t in sorted(new_topics)])
-                known_topics |= new_topics
-            results = await _publish_batch(publisher, entries, timeout_s)
-            delivered = [e for e, result in zip(entries, results, strict=True) if result is None]
-            await spool.acknowledge(delivered)
-            drained += len(delivered)
-            for entry, result in zip(entries, results, strict=True):
-                if isinstance(result, RecordRefused):
-                    saved_as = await spool.set_aside(entry, reason=result.code)
-                    refused += 1
-                    out.write(
-                        f"  Kafka refuses a record for good ({result.message}); "
-                        f"set aside as {saved_as or '(copy failed)'}\n"
-                    )
-                elif result is not None:
-                    raise result  # it and what follows stay in the spool for the next run
-            now = time.monotonic()
-            if now - last_report >= _PROGRESS_EVERY_S:
-                out.write(f"  {_progress(drained, total - refused, now - started)}\n")
-                last_report = now
-    except PublishError as exc:
-        out.write(f"stopped after {drained} records: {exc}; run drain again to resume\n")
-        return 1
+    while entries := await spool.read_batch(batch_records):
+        new_topics = {e.record.topic for e in entries} - known_topics
+        if new_topics:  # as the bridge would have (KAFKA_CREATE_TOPICS)
+            await ensure_topics(kafka, [TopicSpec(t) for t in sorted(new_topics)])
+            known_topics |= new_topics
+        results = await _publish_batch(publisher, entries, timeout_s)
+        delivered = [e for e, result in zip(entries, results, strict=True) if result is None]
+        await spool.acknowledge(delivered)
+        drained += len(delivered)
+        failure: PublishError | None = None
+        for entry, result in zip(entries, results, strict=True):
+            if isinstance(result, RecordRefused):
+                saved_as = await spool.set_aside(entry, reason=result.code)
+                refused += 1
+                out.write(
+                    f"  Kafka refuses a record for good ({result.message}); "
+                    f"set aside as {saved_as or '(copy failed)'}\n"
+                )
+            elif isinstance(result, PublishError):
+                failure = result
+                break  # it and what follows are read again
+            elif result is not None:
+                raise result
+        if failure is not None:
+            # Tried again in this run: the records Kafka took meanwhile are not sent again
+            # (the spool remembers them until it is closed; a later run would resend them).
+            if failed_tries == len(_RETRY_DELAYS_S):
+                out.write(
+                    f"stopped: {failure}; {drained} records delivered, "
+                    f"{spool.stats().records} still in the spool; run drain again to resume\n"
+                )
+                return 1
+            delay_s = _RETRY_DELAYS_S[failed_tries]
+            failed_tries += 1
+            out.write(f"  {failure}; trying again in {delay_s:g} s\n")
+            await spool.rewind()
+            await asyncio.sleep(delay_s)
+            continue
+        failed_tries = 0
+        now = time.monotonic()
+        if now - last_report >= _PROGRESS_EVERY_S:
+            out.write(f"  {_progress(drained, total - refused, now - started)}\n")
+            last_report = now
     left = spool.stats()
     elapsed_s = time.monotonic() - started
     out.write(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge import spool_cli
+from bridge.errors import PublishError
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.metrics import BridgeMetrics
 from bridge.publisher import Headers
@@ -213,6 +215,62 @@ async def test_drain_sends_a_batch_kafka_refuses_again_one_record_at_a_time(
     (saved,) = (directory / "corrupt").iterdir()
     assert decode_frame(saved.read_bytes()).value == big
     assert read_stats(directory).records == 0
+
+
+class FailingFor(WatchedPublisher):
+    """Fails a record's first ``times`` publishes, as on a timeout (the others go through)."""
+
+    def __init__(self, kafka: KafkaSettings, value: bytes, *, times: int) -> None:
+        super().__init__(kafka)
+        self.value, self.times = value, times
+
+    async def publish(
+        self, topic: str, *, key: bytes, value: bytes, headers: Headers, timeout_s: float
+    ) -> None:
+        if value == self.value and self.times > 0:
+            self.times -= 1
+            self.published.append(value)
+            raise PublishError("Kafka did not acknowledge within the budget")
+        await super().publish(topic, key=key, value=value, headers=headers, timeout_s=timeout_s)
+
+
+async def test_a_batch_that_fails_is_tried_again_and_sends_only_what_kafka_did_not_take(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_cli, "_RETRY_DELAYS_S", (0.01, 0.01))
+    topic = unique_topic("drained-retry")
+    directory = tmp_path / "left-behind"
+    await make_spool(directory, topic, 30)
+    values = [b'{"n":%d,"pad":"%s"}' % (n, b"x" * 200) for n in range(30)]
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
+    publisher, out = FailingFor(kafka, values[3], times=2), io.StringIO()
+
+    assert await drain(directory, kafka, batch_records=10, out=out, publisher=publisher) == 0
+
+    assert out.getvalue().count("trying again") == 2
+    assert sorted(publisher.published) == sorted([*values, values[3], values[3]])  # no resend
+    records = await consume(kafka_bootstrap, topic, count=30, settle_s=1.0)
+    assert sorted(r.value for r in records) == sorted(values)
+    assert read_stats(directory).records == 0
+
+
+async def test_a_batch_that_keeps_failing_stops_the_run_saying_what_is_left(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_cli, "_RETRY_DELAYS_S", (0.01,))
+    topic = unique_topic("drained-stuck")
+    directory = tmp_path / "left-behind"
+    await make_spool(directory, topic, 10)
+    values = [b'{"n":%d,"pad":"%s"}' % (n, b"x" * 200) for n in range(10)]
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
+    publisher, out = FailingFor(kafka, values[0], times=99), io.StringIO()
+
+    assert await drain(directory, kafka, out=out, publisher=publisher) == 1
+
+    assert "stopped: Kafka did not acknowledge within the budget; 9 records delivered" in (
+        out.getvalue()
+    )
+    assert read_stats(directory).records == 10  # nothing committed past the first record
 
 
 async def test_drain_refuses_a_spool_a_bridge_holds_before_connecting_to_kafka(
