@@ -584,15 +584,21 @@ def _move_aside(directory: Path, segment_id: int, offset: int, *, fsync: bool) -
     target = corrupt_dir / f"{segment_id:020d}_{offset:012d}-end_unreadable.seg"
     os.rename(directory / _segment_name(segment_id), target)
     if fsync:
-        # The file is moved: a failure to flush the directories only means that a crash may
-        # bring it back to the spool, to be read (or moved) again, which loses nothing.
-        try:
-            _fsync_dir(corrupt_dir)
-            _fsync_dir(directory)
-        except OSError as exc:
-            log.warning(
-                "moved an unreadable spool segment aside, but could not flush the directories",
-                extra={"segment_id": segment_id, "error": f"{type(exc).__name__}: {exc.strerror}"},
+        # The file is moved, whatever the flushes say. Unflushed, the move may not survive a
+        # crash: the segment may be back in the spool (read or moved again), or, should the
+        # next checkpoint's flush have gone through, missing from both directories. A disk
+        # that fails to flush a directory is failing: that is said, not hidden.
+        errors = []
+        for flushed in (corrupt_dir, directory):
+            try:
+                _fsync_dir(flushed)
+            except OSError as exc:
+                errors.append(f"{flushed.name}: {type(exc).__name__}: {exc.strerror}")
+        if errors:
+            log.error(
+                "moved an unreadable spool segment aside, but could not flush the directories; "
+                "a crash now may lose it",
+                extra={"segment_id": segment_id, "error": "; ".join(errors)},
             )
     return target
 
