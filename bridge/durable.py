@@ -86,6 +86,9 @@ class DurablePublisher:
         #: Whether Kafka took the last record offered to it (or answered the last check):
         #: False from a failed publish, drain or check until one succeeds.
         self._kafka_answers = True
+        #: False while the drainer cannot read the spool: its backlog then says nothing of
+        #: Kafka, and a check may say that Kafka answers.
+        self._draining = True
         self._wakeup = asyncio.Event()
         self._kafka_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -183,7 +186,8 @@ class DurablePublisher:
         kafka = self._kafka
         if kafka is not None:
             if await kafka.ping(timeout_s=timeout_s):
-                if not self._backlog:  # with a backlog, the drain says whether Kafka takes it
+                # With a backlog being drained, the drain says whether Kafka takes records.
+                if not self._backlog or not self._draining:
                     self._kafka_answers = True
                 return True
             self._kafka_answers = False
@@ -281,6 +285,7 @@ class DurablePublisher:
             except SpoolUnavailable as exc:
                 # A segment that cannot be read now (an I/O error, a volume being remounted):
                 # its records stay where they are, and the drainer stays to try again.
+                self._draining = False
                 self._metrics.drain_errors.labels(error=exc.code).inc()
                 log.warning(
                     "cannot read the spool, retrying",
@@ -304,6 +309,7 @@ class DurablePublisher:
     async def _drain_next(self, kafka: Publisher) -> bool:
         """Read the next batch and publish it; False when it has to be tried again."""
         entries = await self._spool.read_batch(self._drain_batch_records)
+        self._draining = True
         if not entries:
             self._backlog = False  # caught up: new records may go straight to Kafka
             self._spooling_logged = False

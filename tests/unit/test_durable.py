@@ -388,6 +388,8 @@ async def test_a_spool_that_cannot_be_read_for_a_while_is_drained_once_it_can(
             timeout_s=30,
         )
         assert producer.published == []
+        # Kafka is back; the records wait for the disk, not for Kafka, and the check says so.
+        await settle(lambda: publisher.connected, timeout_s=15)
         segment.rmdir()
         moved.rename(segment)
         await settle(lambda: producer.published == [b"0", b"1", b"2"], timeout_s=20)
