@@ -334,15 +334,7 @@ class DurablePublisher:
         A record Kafka refuses for good is set aside, so it can never stop the drain.
         """
         started = time.monotonic()
-        results = await asyncio.gather(
-            *(self._send(kafka, e) for e in entries), return_exceptions=True
-        )
-        # A refused batch held the record at fault and maybe others that only shared it; sent
-        # alone (nothing else of the drain is in flight now), each record tells. (Records of a
-        # later batch may be in Kafka by then: a refused batch's neighbours lose their order.)
-        for i, (entry, result) in enumerate(zip(entries, results, strict=True)):
-            if isinstance(result, BatchRefused):
-                results[i] = await self._send_alone(kafka, entry)
+        results = await publish_spooled(kafka, entries, timeout_s=self._drain_timeout_s)
         delivered = [e for e, result in zip(entries, results, strict=True) if result is None]
         await self._spool.acknowledge(delivered)
         self._metrics.drained_records.inc(len(delivered))
@@ -370,25 +362,6 @@ class DurablePublisher:
         self._note_failure(kafka, error)
         return False
 
-    async def _send(self, kafka: Publisher, entry: SpooledEntry) -> None:
-        record = entry.record
-        await kafka.publish(
-            record.topic,
-            key=record.key or b"",
-            value=record.value,
-            headers=list(record.headers),
-            timeout_s=self._drain_timeout_s,
-        )
-
-    async def _send_alone(self, kafka: Publisher, entry: SpooledEntry) -> BaseException | None:
-        try:
-            await self._send(kafka, entry)
-        except BatchRefused as exc:
-            return exc.refusal  # refused alone: the record is the cause
-        except Exception as exc:
-            return exc
-        return None
-
     async def _set_aside(self, entry: SpooledEntry, refusal: RecordRefused) -> None:
         saved_as = await self._spool.set_aside(entry, reason=refusal.code)
         self._metrics.refused_records.labels(reason=refusal.code).inc()
@@ -403,3 +376,40 @@ class DurablePublisher:
                 "saved_as": str(saved_as) if saved_as else None,
             },
         )
+
+
+async def publish_spooled(
+    kafka: Publisher, entries: list[SpooledEntry], *, timeout_s: float
+) -> list[BaseException | None]:
+    """Publish spooled ``entries`` all at once; for each, None once Kafka acknowledged it,
+    else why not (a :class:`RecordRefused` when Kafka refuses that record for good).
+
+    A refused batch held the record at fault and maybe others that only shared it: sent
+    alone, in order and with nothing else of the drain in flight, each record tells. (Records
+    read after them may be in Kafka by then: a refused batch's neighbours lose their order.)
+    """
+
+    async def send(entry: SpooledEntry) -> None:
+        record = entry.record
+        await kafka.publish(
+            record.topic,
+            key=record.key or b"",
+            value=record.value,
+            headers=list(record.headers),
+            timeout_s=timeout_s,
+        )
+
+    results: list[BaseException | None] = list(
+        await asyncio.gather(*(send(e) for e in entries), return_exceptions=True)
+    )
+    for i, (entry, result) in enumerate(zip(entries, results, strict=True)):
+        if isinstance(result, BatchRefused):
+            try:
+                await send(entry)
+            except BatchRefused as exc:
+                results[i] = exc.refusal  # refused alone: the record is the cause
+            except Exception as exc:
+                results[i] = exc
+            else:
+                results[i] = None
+    return results

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from bridge.errors import BatchRefused, PublishError, RecordRefused, WifiBridgeError
+from bridge.durable import publish_spooled
+from bridge.errors import PublishError, RecordRefused, WifiBridgeError
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.metrics import BridgeMetrics
 from bridge.publisher import Publisher
 from bridge.rdkafka import RdKafkaPublisher
 from bridge.settings import KafkaSettings
-from bridge.spool import Spool, SpooledEntry, SpoolStats, SpoolUnavailable, read_stats
+from bridge.spool import Spool, SpoolStats, SpoolUnavailable, read_stats
 
 #: Waits before a failed batch is tried again, then the run stops (its exit status 1).
 _RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0)
@@ -106,7 +107,7 @@ async def _drain(
         if new_topics:  # as the bridge would have (KAFKA_CREATE_TOPICS)
             await ensure_topics(kafka, [TopicSpec(t) for t in sorted(new_topics)])
             known_topics |= new_topics
-        results = await _publish_batch(publisher, entries, timeout_s)
+        results = await publish_spooled(publisher, entries, timeout_s=timeout_s)
         delivered = [e for e, result in zip(entries, results, strict=True) if result is None]
         await spool.acknowledge(delivered)
         drained += len(delivered)
@@ -158,39 +159,3 @@ def _progress(drained: int, total: int, elapsed_s: float) -> str:
     rate = drained / elapsed_s if elapsed_s > 0 else 0.0
     left = f"about {_duration(max(0, total - drained) / rate)} left" if rate > 0 else "waiting"
     return f"drained {drained}/{total} records ({rate:.0f}/s, {left})"
-
-
-async def _publish_batch(
-    publisher: Publisher, entries: list[SpooledEntry], timeout_s: float
-) -> list[BaseException | None]:
-    """Publish ``entries`` all at once; for each, None when Kafka acknowledged it, else why not.
-
-    A refused batch held the record at fault and maybe others that only shared it: sent alone,
-    in order and with nothing else of the drain in flight, each record tells (as in the
-    bridge's drainer; they may then reach Kafka after records read later than them).
-    """
-
-    async def send(entry: SpooledEntry) -> None:
-        record = entry.record
-        await publisher.publish(
-            record.topic,
-            key=record.key or b"",
-            value=record.value,
-            headers=list(record.headers),
-            timeout_s=timeout_s,
-        )
-
-    results: list[BaseException | None] = list(
-        await asyncio.gather(*(send(e) for e in entries), return_exceptions=True)
-    )
-    for i, (entry, result) in enumerate(zip(entries, results, strict=True)):
-        if isinstance(result, BatchRefused):
-            try:
-                await send(entry)
-            except BatchRefused as exc:
-                results[i] = exc.refusal  # refused alone: the record is the cause
-            except Exception as exc:
-                results[i] = exc
-            else:
-                results[i] = None
-    return results
