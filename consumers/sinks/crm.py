@@ -45,6 +45,7 @@ from bridge.errors import ConfigError
 from bridge.kafka import TopicSpec, client_options, ensure_topics, started
 from consumers.sinks.contacts import (
     Login,
+    Skip,
     SyncMark,
     UnreadableRecord,
     Upsert,
@@ -178,9 +179,11 @@ class Batch:
     """
 
     records: dict[int, Record]
-    """The records it holds, by ``ref`` (the order they were read in). A record read while
-    the batch grew that is a login needing nothing more (skipped) is not held: a long
-    outage must not fill memory with them."""
+    """The records it holds, by ``ref`` (the order they were read in). A login read while
+    the batch grew whose user no upsert carries (skipped: no address, stale, throttled) is
+    not held: a long outage must not fill memory with them, and a batch handled again plans
+    the same without it. One folded into another login's upsert is held: planned again
+    without it, its user would not be marked."""
     next_offsets: dict[TopicPartition, int]
     read: int = 0
     """Records read into the batch, held or not; the ``ref`` of the next one."""
@@ -188,6 +191,8 @@ class Batch:
     """Sources (``topic/partition/offset``) of records already in the dead-letter topic, so
     a batch handled again after a failure of the state file does not publish them twice."""
     blocked: set[TopicPartition] = field(default_factory=set)
+    dropped_skips: Counter[Skip] = field(default_factory=Counter)
+    """Why the logins no longer held were skipped, counted once the batch is settled."""
 
     def first_offsets(self) -> dict[str, int]:
         """``topic/partition`` -> the batch's first offset there (for logs)."""
@@ -361,13 +366,20 @@ class CrmSink:
             more = plan_upserts(
                 more_logins, more_known, min_interval_ms=self._settings.min_interval_ms
             )
-            skipped.update(more.skipped)
-            # A skipped login needs nothing more; an unreadable record stays held until it
-            # is in the dead-letter topic (a batch handled again must still publish it).
-            sent = {upsert.login.ref for upsert in more.upserts}
-            for login in more_logins:
-                if login.ref not in sent:
-                    del batch.records[login.ref]
+            # A login whose user no upsert carries needs nothing more, now or when the batch
+            # is handled again (its marks only move on); an unreadable record stays held
+            # until it is in the dead-letter topic (a batch handled again must publish it).
+            carried = {key for upsert in more.upserts for key, _ in upsert.users}
+            dropped = [login for login in more_logins if login.user_key not in carried]
+            for login in dropped:
+                del batch.records[login.ref]
+            # Planned alone, those logins are skipped exactly as in the whole plan: the
+            # verdict on a user without an upsert depends only on its logins and its mark.
+            dropped_skips = plan_upserts(
+                dropped, more_known, min_interval_ms=self._settings.min_interval_ms
+            ).skipped
+            batch.dropped_skips.update(dropped_skips)
+            skipped.update(more.skipped - dropped_skips)
             queue.add(more.upserts)
             return bool(more.upserts)
 
@@ -383,6 +395,7 @@ class CrmSink:
         self._save_marks(
             [m for refusal in delivery.refused for m in refusal.upsert.marks_if_rejected(known)]
         )
+        skipped += batch.dropped_skips
         for reason, count in skipped.items():
             self._metrics.skipped_records.labels(reason=reason.value).inc(count)
         log.info(

@@ -782,3 +782,44 @@ async def test_a_crm_answering_500_to_every_request_dead_letters_nothing(
     assert await consume(kafka_bootstrap, crm_topics.dlq, count=1, timeout_s=2) == []
     assert await sink.metric("wifi_crm_rejected_records_total") == 0
     assert await sink.metric("wifi_crm_retries_total", reason="server_error") == fake.statuses[500]
+
+
+async def test_a_login_folded_into_another_users_upsert_is_marked_after_a_state_file_failure(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # Two users share an address: the batch, grown behind a contact the CRM fails on, sends
+    # one upsert for the newer login, which settles both users. The save of a sync mark
+    # then fails and the batch is handled again: planned again, it must still carry the
+    # older login, or its user is never marked and their next login is sent again.
+    poison = canonical_login(email="stuck@example.com")
+    other = canonical_login(email="ahead@example.com")
+    older = canonical_login(user_id=9101, email="shared@example.com", offset_ms=0)
+    newer = canonical_login(user_id=9102, email="shared@example.com", offset_ms=HOUR_MS)
+    hidden = canonical_login(email=None)
+    fake = await hubspot_server(crash={"stuck@example.com"})
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [poison], partitions=1)
+    sink = await crm_sink.start(
+        **hubspot_env(fake, CRM_BATCH_SIZE="1", CRM_RECORD_MAX_ATTEMPTS="2")
+    )
+    await eventually(lambda: fake.statuses[500] >= 1, what="the contact failing alone")
+    with closing(sqlite3.connect(sink.settings.state_db, isolation_level=None)) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        await produce_logins(
+            kafka_bootstrap, crm_topics.visits, [other, older, newer, hidden], partitions=1
+        )
+
+        async def save_failed() -> bool:
+            return await sink.metric("wifi_crm_state_errors_total", operation="save_marks") >= 1
+
+        await eventually(save_failed, timeout_s=60, what="a save of sync marks failing")
+        lock.execute("ROLLBACK")
+    await eventually(lambda: "shared@example.com" in fake.synced, what="the shared address")
+    await committed(kafka_bootstrap, sink, crm_topics)
+
+    # Within CRM_MIN_INTERVAL_S of the login already synced for that user: not sent.
+    again = canonical_login(user_id=9101, email="shared@example.com", offset_ms=2 * HOUR_MS)
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [again], partitions=1)
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert fake.upserts["shared@example.com"] == 1, "a user's login was sent twice"
+    assert await sink.metric("wifi_crm_skipped_records_total", reason="throttled") == 1
+    assert await sink.metric("wifi_crm_skipped_records_total", reason="no_email") == 1
