@@ -34,6 +34,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
+    IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
@@ -191,6 +192,8 @@ class Batch:
     """Sources (``topic/partition/offset``) of records already in the dead-letter topic, so
     a batch handled again after a failure of the state file does not publish them twice."""
     blocked: set[TopicPartition] = field(default_factory=set)
+    read_on: Counter[TopicPartition] = field(default_factory=Counter)
+    """Records read into it per partition, held or not: none is committed until it ends."""
     dropped_skips: Counter[Skip] = field(default_factory=Counter)
     """Why the logins no longer held were skipped, counted once the batch is settled."""
 
@@ -267,8 +270,6 @@ class CrmSink:
         self._batch: Batch | None = None
         self._unsaved_marks: list[SyncMark] = []
         self._paused = False
-        self._committed: dict[TopicPartition, int] = {}
-        """The group's committed offset of each partition assigned, as last read or made."""
 
     async def run(self) -> None:
         # Beside the loop, not in it: the lag must go on moving while a batch backs off.
@@ -291,6 +292,7 @@ class CrmSink:
                 records=dict(enumerate(records)),
                 next_offsets={tp: batch[-1].offset + 1 for tp, batch in batches.items()},
                 read=len(records),
+                read_on=Counter({tp: len(batch) for tp, batch in batches.items()}),
             )
             for record in records:
                 self._metrics.records.labels(topic=record.topic).inc()
@@ -447,6 +449,7 @@ class CrmSink:
                 taken.append((batch.read, record))
                 batch.records[batch.read] = record
                 batch.read += 1
+                batch.read_on[tp] += 1
                 batch.next_offsets[tp] = record.offset + 1
                 self._metrics.records.labels(topic=record.topic).inc()
         return taken
@@ -738,7 +741,6 @@ class CrmSink:
             # and the sync marks already saved keep that from sending twice here.
             log.warning("offsets not committed: the group rebalanced")
             return
-        self._committed.update(offsets)
 
     async def _report_lag(self) -> None:
         while True:
@@ -749,27 +751,31 @@ class CrmSink:
             await asyncio.sleep(_LAG_EVERY_S)
 
     async def _update_lag(self) -> None:
-        """``wifi_crm_consumer_lag_records``: per partition, the records a restart would read
-        again, from the group's committed offset (the log's start before any commit) to the
-        ``read_committed`` end. Records read but in a batch not yet settled are lag."""
+        """``wifi_crm_consumer_lag_records``: per partition assigned, the records a restart
+        would read again: those of the batch still being delivered, and those not read yet,
+        from the consumer's position to the ``read_committed`` end offset.
+
+        Not from the committed offset: that is the last record's offset + 1, and on the
+        pipeline's transactional topics the end offset lies past the transaction's marker
+        (and past the records of an aborted transaction), so a partition read to its end
+        would never show 0. The position moves past markers and aborted records as they are
+        read; what is not read yet is counted by offsets, markers included.
+        """
         assigned = self._consumer.assignment()
-        for tp in self._committed.keys() - assigned:
-            # Another member may commit it while it is away.
-            del self._committed[tp]
         if not assigned:
             return
-        for tp in assigned - self._committed.keys():
-            committed = await self._consumer.committed(tp)
-            if committed is None:
-                committed = (await self._consumer.beginning_offsets([tp]))[tp]
-            self._committed.setdefault(tp, committed)
         ends = await self._consumer.end_offsets(list(assigned))
         for tp, end in ends.items():
-            committed = self._committed.get(tp)
-            if committed is None:
+            try:
+                # A partition just assigned has no position until its offset is found.
+                async with asyncio.timeout(_LAG_EVERY_S):
+                    position = await self._consumer.position(tp)
+            except (TimeoutError, IllegalStateError):
                 continue
+            batch = self._batch
+            in_batch = batch.read_on[tp] if batch is not None else 0
             self._metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                max(0, end - committed)
+                in_batch + max(0, end - position)
             )
 
 

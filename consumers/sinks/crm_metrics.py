@@ -72,8 +72,8 @@ class CrmMetrics:
         )
         self.consumer_lag = Gauge(
             "wifi_crm_consumer_lag_records",
-            "Records on a partition after the group's committed offset (to the read_committed "
-            "end offset), those of a batch still being delivered included",
+            "Records of a partition a restart would read again: those of the batch still being "
+            "delivered, and those not read yet (to the read_committed end offset)",
             ["topic", "partition"],
             registry=r,
         )

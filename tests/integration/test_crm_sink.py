@@ -24,6 +24,7 @@ from tests.fixtures.crm_sink import (
     RunningSink,
     SinkRunner,
     eventually,
+    partitions_of,
     uncommitted_records,
 )
 from tests.fixtures.hubspot import FakeHubSpot, StartHubSpot
@@ -823,3 +824,44 @@ async def test_a_login_folded_into_another_users_upsert_is_marked_after_a_state_
     assert fake.upserts["shared@example.com"] == 1, "a user's login was sent twice"
     assert await sink.metric("wifi_crm_skipped_records_total", reason="throttled") == 1
     assert await sink.metric("wifi_crm_skipped_records_total", reason="no_email") == 1
+
+
+async def test_consumer_lag_reaches_0_on_a_transactional_topic_with_an_aborted_tail(
+    kafka_bootstrap: str, crm_topics: CrmTopics, crm_sink: SinkRunner, hubspot_server: StartHubSpot
+) -> None:
+    # As the pipeline writes it: each transaction ends in a marker, which takes an offset of
+    # its own, and an aborted transaction leaves its records and marker before the end.
+    kept = logins_of(6, prefix="txkept")
+    aborted = logins_of(2, prefix="txaborted")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, [])  # three partitions
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=unique_topic("pipeline")
+    )
+    await producer.start()
+
+    async def abort_after(records: list[dict[str, Any]]) -> None:
+        async with producer.transaction():
+            for partition, record in enumerate(records):  # partitions 0 and 1
+                await producer.send(crm_topics.visits, orjson.dumps(record), partition=partition)
+            await producer.flush()
+            raise _Abort
+
+    try:
+        async with producer.transaction():
+            for n, record in enumerate(kept):
+                await producer.send(crm_topics.visits, orjson.dumps(record), partition=n % 3)
+        with pytest.raises(_Abort):
+            await abort_after(aborted)
+    finally:
+        await producer.stop()
+    fake = await hubspot_server()
+    sink = await crm_sink.start(**hubspot_env(fake))
+    await eventually(lambda: fake.synced == emails(kept), what="the committed logins synced")
+    partitions = await partitions_of(kafka_bootstrap, [crm_topics.visits, crm_topics.late])
+
+    async def caught_up() -> bool:
+        lag = await sink.lag_by_partition()
+        return set(lag) == partitions and not any(lag.values())
+
+    await eventually(caught_up, timeout_s=20, what="lag 0 on every input partition")
+    assert fake.synced == emails(kept)
