@@ -55,11 +55,17 @@ def emails(records: list[dict[str, Any]]) -> set[str]:
 
 
 async def settled(sink: RunningSink, records: int) -> None:
-    """Until the sink has read ``records`` records and committed them (lag 0)."""
+    """Until the sink has read ``records`` records and committed them: the lag measured,
+    and 0, on every partition of its input topics (no sample yet is no lag measured)."""
+    bootstrap, topics = sink.env["KAFKA_BOOTSTRAP_SERVERS"], set(sink.settings.topics)
 
     async def done() -> bool:
-        read = await sink.metric("wifi_crm_records_total")
-        return read >= records and await sink.metric("wifi_crm_consumer_lag_records") == 0
+        if await sink.metric("wifi_crm_records_total") < records:
+            return False
+        partitions = await partitions_of(bootstrap, list(topics))
+        lag = await sink.lag_by_partition()
+        created = {topic for topic, _ in partitions} == topics
+        return created and set(lag) >= partitions and not any(lag.values())
 
     await eventually(done, timeout_s=60, what=f"{records} records read and committed")
 
