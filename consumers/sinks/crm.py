@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 Record: TypeAlias = ConsumerRecord  # [bytes, bytes]; aiokafka ships no type hints
 _POLL_TIMEOUT_MS = 500
 _LAG_EVERY_S = 1.0
+_KEEP_ALIVE_S = 5.0
+"""The longest the sink sends requests without polling Kafka: a consumer that does not
+poll within max.poll.interval (300 s) leaves its group."""
 
 
 def make_crm(settings: CrmSettings, store: CrmStore, metrics: CrmMetrics) -> Crm:
@@ -270,6 +273,8 @@ class CrmSink:
         self._batch: Batch | None = None
         self._unsaved_marks: list[SyncMark] = []
         self._paused = False
+        self._polled_at: float | None = None
+        """When the consumer last polled (the event loop's clock)."""
 
     async def run(self) -> None:
         # Beside the loop, not in it: the lag must go on moving while a batch backs off.
@@ -286,6 +291,7 @@ class CrmSink:
         batches = await self._consumer.getmany(
             timeout_ms=_POLL_TIMEOUT_MS, max_records=self._settings.max_poll_records
         )
+        self._polled_at = asyncio.get_running_loop().time()
         records = [record for batch in batches.values() for record in batch]
         if records:
             batch = Batch(
@@ -486,6 +492,9 @@ class CrmSink:
                 # from the last commit by the next start.
                 delivery.complete = False
                 return delivery
+            if not await self._keep_polling():
+                delivery.complete = False
+                return delivery
             request = queue.pop()
             part = request.items
             try:
@@ -677,8 +686,20 @@ class CrmSink:
         headers += [(k, v) for k, v in record.headers if k == "event-id" and v is not None][:1]
         return headers
 
+    async def _keep_polling(self) -> bool:
+        """Between requests: once ``_KEEP_ALIVE_S`` passed since the last poll, a poll with
+        every partition paused. A batch the CRM takes request after request (one contact
+        each, a slow CRM) may last longer than max.poll.interval; without a poll the
+        consumer would leave its group and the batch's commit would fail. False as
+        :meth:`_wait`."""
+        polled_at = self._polled_at
+        if polled_at is not None and asyncio.get_running_loop().time() - polled_at < _KEEP_ALIVE_S:
+            return True
+        return await self._wait(0.0)
+
     async def _wait(self, wait_s: float, *, grow: Growth | None = None) -> bool:
-        """Sleep ``wait_s`` while polling with every partition paused (to stay in the group).
+        """Sleep ``wait_s`` while polling with every partition paused (to stay in the group);
+        it polls once at least.
 
         With ``grow``, the partitions the batch may grow on (all assigned but the blocked
         ones) are read on while it has room, and what they give is handed to ``grow``; the
@@ -689,14 +710,15 @@ class CrmSink:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        polled = False
         while not self._stop.is_set():
             assigned = self._consumer.assignment()
             batch = self._batch
             if batch is not None and not (set(batch.next_offsets) & assigned):
-                log.warning("partitions revoked while the CRM was unavailable; batch left")
+                log.warning("partitions revoked while the batch was delivered; batch left")
                 return False
             remaining_s = deadline - loop.time()
-            if remaining_s <= 0:
+            if remaining_s <= 0 and polled:
                 return True
             room = 0
             readable: set[TopicPartition] = set()
@@ -710,6 +732,8 @@ class CrmSink:
             got = await self._consumer.getmany(
                 timeout_ms=timeout_ms, max_records=room if readable else None
             )
+            self._polled_at = loop.time()
+            polled = True
             self._consumer.pause(*self._consumer.assignment())
             fresh: dict[TopicPartition, list[Record]] = {}
             for tp, records in got.items():

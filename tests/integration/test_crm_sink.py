@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import signal
 import sqlite3
 import time
@@ -13,11 +15,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.kafka import TopicSpec, ensure_topics
 from bridge.settings import KafkaSettings
+from consumers.sinks import crm as crm_service
 from tests.fixtures.canonical import BASE, DAY_MS, HOUR_MS, canonical_login, produce_logins
 from tests.fixtures.crm_sink import (
     CrmTopics,
@@ -871,3 +874,29 @@ async def test_consumer_lag_reaches_0_on_a_transactional_topic_with_an_aborted_t
 
     await eventually(caught_up, timeout_s=20, what="lag 0 on every input partition")
     assert fake.synced == emails(kept)
+
+
+async def test_a_batch_the_crm_takes_slowly_request_by_request_keeps_the_consumer_in_its_group(
+    kafka_bootstrap: str,
+    crm_topics: CrmTopics,
+    crm_sink: SinkRunner,
+    hubspot_server: StartHubSpot,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # max.poll.interval cut from 300 s to 8 s: 30 requests of half a second each outlast it,
+    # as 500 contacts sent one by one at 0.7 s outlast 300 s. A consumer that does not poll
+    # meanwhile leaves its group, and another member would take its partitions.
+    caplog.set_level(logging.INFO, logger="aiokafka.consumer.group_coordinator")
+    slow_poll = functools.partial(AIOKafkaConsumer, max_poll_interval_ms=8000)
+    monkeypatch.setattr(crm_service, "AIOKafkaConsumer", slow_poll)
+    fake = await hubspot_server(delay_s=0.5)
+    records = logins_of(30, prefix="oneatatime")
+    await produce_logins(kafka_bootstrap, crm_topics.visits, records, partitions=1)
+    sink = await crm_sink.start(**hubspot_env(fake, CRM_BATCH_SIZE="1"))
+    await eventually(lambda: fake.synced == emails(records), timeout_s=60, what="all synced")
+    await committed(kafka_bootstrap, sink, crm_topics)
+    assert await sink.metric("wifi_crm_records_total") == len(records), "the batch was re-read"
+    assert set(fake.upserts.values()) == {1}
+    left = [r for r in caplog.records if "LeaveGroup" in r.getMessage()]
+    assert not left, "the consumer left its group while the batch was delivered"
