@@ -212,6 +212,9 @@ class PipelineService:
         # state and offsets once the consume call in progress has returned.
         self._rebuild_pending = False
         self._failed_rebuilds = 0
+        # Set by an assignment: the raw topic's partitions are counted again after the consume
+        # call (see _on_assign).
+        self._count_partitions_due = False
 
     # ----------------------------------------------------------------------------------------
     # Main loop
@@ -254,6 +257,8 @@ class PipelineService:
                     self._replace_producer()
                 if self._rebuild_pending:
                     self._rebuild_owned()
+                if self._count_partitions_due:
+                    self._count_input_partitions()
             self._commit_open()  # what fails is read again by whoever takes the partitions
         finally:
             log.info("pipeline stopping: leaving the group")
@@ -574,13 +579,16 @@ class PipelineService:
         self._commit_open()
         self._restore(consumer, numbers)
         self.metrics.assigned.set(len(self._owned))
-        self._count_input_partitions(consumer)
+        # Counted after the consume call, not here: a metadata request from inside a
+        # rebalance callback aborts the process (confluent-kafka's CallState assertion).
+        self._count_partitions_due = True
 
-    def _count_input_partitions(self, consumer: confluent_kafka.Consumer) -> None:
+    def _count_input_partitions(self) -> None:
         """Partitions may have been added to the raw topic (an assignment follows): the
         alert on unowned partitions compares with this count. Best effort, one quick call."""
+        self._count_partitions_due = False
         try:
-            topic = consumer.list_topics(self.settings.topic_raw, 2.0).topics.get(
+            topic = self._consumer.list_topics(self.settings.topic_raw, 2.0).topics.get(
                 self.settings.topic_raw
             )
         except KafkaException:
