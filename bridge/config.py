@@ -122,7 +122,10 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 def topic(values: Values, name: str) -> str:
     """A Kafka topic name: 1 to 249 of ``[A-Za-z0-9._-]``, and neither ``.`` nor ``..``."""
-    raw = text(values, name)
+    return _topic_name(text(values, name), name)
+
+
+def _topic_name(raw: str, name: str) -> str:
     if raw in {".", ".."} or not _TOPIC.fullmatch(raw):
         raise ConfigError(
             f"{name}: expected a Kafka topic name (1 to 249 letters, digits, '.', '_' or '-', "
@@ -138,7 +141,7 @@ def topics(values: Values, name: str) -> tuple[str, ...]:
         dict.fromkeys(
             # Each name checked here, so that a typo fails with the setting's name rather than
             # as a Kafka that never seems reachable.
-            topic({name: part.strip()}, name)
+            _topic_name(part.strip(), name)
             for part in text(values, name).split(",")
             if part.strip()
         )

@@ -137,7 +137,6 @@ class RdKafkaPublisher:
         #: writer, so no report can be lost between a read and a write of the other thread.
         self._down_reports = 0
         self._answered_reports = 0
-        self._ping_failed = False
 
     @property
     def connected(self) -> bool:
@@ -146,7 +145,6 @@ class RdKafkaPublisher:
             self._producer is not None
             and self.fatal_error is None
             and self._answered_reports >= self._down_reports
-            and not self._ping_failed
         )
 
     async def start(self) -> None:
@@ -228,6 +226,8 @@ class RdKafkaPublisher:
         self._metrics.ack_latency.observe(loop.time() - started)
 
     async def ping(self, *, timeout_s: float) -> bool:
+        """Whether a broker answers a metadata request now (a failure is the caller's to
+        note: see DurablePublisher.connected)."""
         producer = self._producer
         if producer is None or self.fatal_error is not None:
             return False
@@ -235,17 +235,14 @@ class RdKafkaPublisher:
         try:
             metadata = await asyncio.to_thread(producer.list_topics, timeout=timeout_s)
         except KafkaException:
-            self._ping_failed = True
             return False
         if not metadata.brokers:
-            self._ping_failed = True
             return False
         self._answered(reports)
         return True
 
     def _answered(self, reports: int) -> None:
         """Kafka answered something begun when ``reports`` brokers-down reports were known."""
-        self._ping_failed = False
         if reports > self._answered_reports:
             self._answered_reports = reports
 
